@@ -1,0 +1,222 @@
+"""Config validation: every bad value stops with one sentence naming the field and what is allowed.
+
+`validate(config)` runs when a config is read (main, build helpers, benchmarks). The checks live
+here rather than in `ml_collections_configs/base.py` because they consult the registries of
+parameterisations, weightings and models, and configs import nothing of ours but `base`.
+"""
+
+import math
+
+import kernels
+from patchdiff.diffusion import build as diffusion_build
+from patchdiff.diffusion.noise import NOISE_DISTRIBUTIONS
+from patchdiff.diffusion.precond import PRECONDITIONINGS
+from patchdiff.diffusion.weighting import WEIGHTINGS
+from patchdiff.models import DTYPES, MODELS
+from patchdiff.models.unet import level_resolutions
+
+PATCH_SIZES = (1, 2, 4, 8)
+NOISE_EMBEDDINGS = ("fourier", "positional")
+VP_SCHEDULES = ("cosine", "linear")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that is not allowed."""
+
+
+def _check(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _one_of(field: str, value, names):
+    _check(value in names, field, value, f"it must be one of {', '.join(map(str, names))}")
+
+
+def validate(config):
+    """Raises ConfigError on the first bad field of `config`; returns the config otherwise."""
+    _validate_data(config.data)
+    _validate_model(config)
+    _validate_diffusion(config)
+    return config
+
+
+def _validate_data(data):
+    _check(
+        _is_int(data.resolution) and data.resolution > 0,
+        "data.resolution",
+        data.resolution,
+        "it must be a positive integer",
+    )
+    _check(
+        _is_int(data.channels) and data.channels > 0,
+        "data.channels",
+        data.channels,
+        "it must be a positive integer",
+    )
+
+
+def _validate_model(config):
+    m, resolution = config.model, config.data.resolution
+    _one_of("model.name", m.name, MODELS.names())
+    _one_of("model.patch_size", m.patch_size, PATCH_SIZES)
+    _check(
+        resolution % m.patch_size == 0,
+        "model.patch_size",
+        m.patch_size,
+        f"it must divide config.data.resolution = {resolution}",
+    )
+    _check(
+        _is_int(m.channels) and m.channels > 0 and m.channels % 2 == 0,
+        "model.channels",
+        m.channels,
+        "it must be a positive even integer",
+    )
+    mult = tuple(m.channel_mult)
+    _check(
+        len(mult) > 0 and all(_is_int(c) and c > 0 for c in mult),
+        "model.channel_mult",
+        m.channel_mult,
+        "it must be a non-empty tuple of positive integers",
+    )
+    _check(
+        _is_int(m.num_res_blocks) and m.num_res_blocks > 0,
+        "model.num_res_blocks",
+        m.num_res_blocks,
+        "it must be a positive integer",
+    )
+    factor = m.patch_size * 2 ** (len(mult) - 1)
+    _check(
+        resolution % factor == 0,
+        "data.resolution",
+        resolution,
+        f"a U-Net with patch size {m.patch_size} and {len(mult)} levels needs a multiple of "
+        f"{factor}",
+    )
+    levels = level_resolutions(resolution, m.patch_size, len(mult))
+    for res in m.attn_resolutions:
+        _check(
+            res in levels,
+            "model.attn_resolutions",
+            tuple(m.attn_resolutions),
+            f"{res} is not a feature-map size of this U-Net, whose levels run at "
+            f"{', '.join(map(str, levels))} (resolution {resolution} / patch size "
+            f"{m.patch_size}, halved per level)",
+        )
+    _check(
+        _is_int(m.head_dim) and m.head_dim > 0,
+        "model.head_dim",
+        m.head_dim,
+        "it must be a positive integer",
+    )
+    attended = [mult[levels.index(r)] for r in m.attn_resolutions] + [mult[-1]]  # middle too
+    for width in (m.channels * k for k in attended):
+        _check(
+            width % m.head_dim == 0,
+            "model.head_dim",
+            m.head_dim,
+            f"it must divide the width {width} of every attention layer",
+        )
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "it must lie in [0, 1)")
+    _check(
+        _is_int(m.num_classes) and m.num_classes >= 0,
+        "model.num_classes",
+        m.num_classes,
+        "it must be 0 (unconditional) or the number of classes",
+    )
+    _one_of("model.noise_embedding", m.noise_embedding, NOISE_EMBEDDINGS)
+    _check(
+        _is_int(m.max_groups) and m.max_groups > 0,
+        "model.max_groups",
+        m.max_groups,
+        "it must be a positive integer",
+    )
+    _one_of("model.attention_impl", m.attention_impl, ["auto", *sorted(kernels.IMPLEMENTATIONS)])
+    _one_of("model.dtype", m.dtype, list(DTYPES))
+
+
+def _validate_diffusion(config):
+    d = config.diffusion
+    _one_of("diffusion.parameterisation", d.parameterisation, PRECONDITIONINGS.names())
+    _check(d.sigma_data > 0, "diffusion.sigma_data", d.sigma_data, "it must be positive")
+    _check(d.sigma_min > 0, "diffusion.sigma_min", d.sigma_min, "it must be positive")
+    _check(
+        d.sigma_max > d.sigma_min,
+        "diffusion.sigma_max",
+        d.sigma_max,
+        f"it must exceed config.diffusion.sigma_min = {d.sigma_min}",
+    )
+    _check(d.p_std > 0, "diffusion.p_std", d.p_std, "it must be positive")
+    _check(d.logit_std > 0, "diffusion.logit_std", d.logit_std, "it must be positive")
+    _one_of("diffusion.vp_schedule", d.vp_schedule, VP_SCHEDULES)
+    _check(
+        _is_int(d.vp_timesteps) and d.vp_timesteps >= 2,
+        "diffusion.vp_timesteps",
+        d.vp_timesteps,
+        "it must be an integer of at least 2",
+    )
+    _check(
+        d.vp_schedule != "linear" or d.vp_timesteps > 20,
+        "diffusion.vp_timesteps",
+        d.vp_timesteps,
+        "the linear schedule scales betas by 1000 / T and needs T > 20",
+    )
+    _one_of(
+        "diffusion.noise_distribution",
+        d.noise_distribution,
+        ["default", *NOISE_DISTRIBUTIONS.names()],
+    )
+    _one_of("diffusion.loss_weighting", d.loss_weighting, ["default", *WEIGHTINGS.names()])
+    _check(d.p2_k > 0, "diffusion.p2_k", d.p2_k, "it must be positive")
+    _check(d.min_snr_gamma > 0, "diffusion.min_snr_gamma", d.min_snr_gamma, "it must be positive")
+    precond = diffusion_build.build_precond(d)
+    try:  # the builder refuses pairings such as vp_uniform with edm, in one sentence
+        diffusion_build.build_noise_distribution(d, precond)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _validate_patches(config)
+
+
+def _validate_patches(config):
+    d, m = config.diffusion, config.model
+    scales, probs = tuple(d.patch_scales), tuple(d.patch_probs)
+    _check(
+        len(scales) > 0 and len(scales) == len(probs),
+        "diffusion.patch_probs",
+        probs,
+        f"it must give one probability per patch scale {scales}",
+    )
+    _check(
+        all(p >= 0 for p in probs) and math.isclose(sum(probs), 1.0, abs_tol=1e-6),
+        "diffusion.patch_probs",
+        probs,
+        "they must be non-negative and sum to 1",
+    )
+    factor = m.patch_size * 2 ** (len(m.channel_mult) - 1)
+    for s in scales:
+        size = config.data.resolution * s
+        _check(
+            0 < s <= 1 and float(size).is_integer() and size % factor == 0,
+            "diffusion.patch_scales",
+            scales,
+            f"scale {s} gives crops of {size:g} pixels, but scales must lie in (0, 1] and "
+            f"give crops that are multiples of {factor} (patch size {m.patch_size}, "
+            f"{len(m.channel_mult)} levels)",
+        )
+
+
+def with_patch_size(config, patch_size: int):
+    """A copy of `config` with the stem's patch size P, attention kept at the same U-Net levels.
+
+    Attention resolutions are feature-map sizes, which shrink with P: a layer at 16 for P=1 runs
+    at 8 for P=2. This keeps the network the same apart from the stem, for cost comparisons.
+    """
+    new = config.copy_and_resolve_references()
+    old = config.model.patch_size
+    new.model.patch_size = patch_size
+    new.model.attn_resolutions = tuple(r * old // patch_size for r in config.model.attn_resolutions)
+    return new

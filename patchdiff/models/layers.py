@@ -1,0 +1,185 @@
+"""Building blocks of the U-Net: named-axis convs and denses, embeddings, residual and attention
+blocks, and the patchify stem's space-to-depth.
+
+Every parameter carries logical axis names (flax `with_logical_partitioning`), so that a rule set
+(`partitioning.py`) can map them to mesh axes; the default rules replicate.
+
+Glossary: B batch, H/W height/width, C channels, E embedding width, S = H*W tokens, D head dim.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+
+import kernels
+
+# DDPM++ (Song et al. 2021) and EDM scale residual sums by sqrt(1/2) to keep activations at unit
+# variance through the depth of the network.
+SKIP_SCALE = math.sqrt(0.5)
+
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # Xavier uniform
+zeros = nn.initializers.zeros
+
+
+def conv(features, kernel, name, *, stride=1, init=default_init, dtype=jnp.float32):
+    """A 'SAME' conv with kernel axes (None, None, "conv_in", "conv_out")."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+        bias_init=nn.with_logical_partitioning(zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def dense(features, name, axes=("embed", "mlp"), *, init=default_init, dtype=jnp.float32):
+    """A Dense layer whose kernel carries the logical names `axes` (in, out)."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(zeros, axes[1:]),
+        name=name,
+    )
+
+
+def group_norm(channels, max_groups, name, dtype=jnp.float32):
+    """GroupNorm with `num_groups` groups and eps 1e-6 (EDM)."""
+    return nn.GroupNorm(
+        num_groups=num_groups(channels, max_groups),
+        epsilon=1e-6,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(zeros, ("norm",)),
+        name=name,
+    )
+
+
+def num_groups(channels: int, max_groups: int) -> int:
+    """EDM's min(max_groups, C // 4), lowered to the nearest divisor of C so that any width works
+    (decoder blocks normalise concatenations such as 256 + 128 channels)."""
+    groups = max(1, min(max_groups, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return groups
+
+
+def space_to_depth(x, patch: int):
+    """[B, H, W, C] -> [B, H/P, W/P, P*P*C]: the patchify stem of Luhman & Luhman 2022."""
+    return rearrange(x, "b (h p) (w q) c -> b h w (p q c)", p=patch, q=patch)
+
+
+def depth_to_space(x, patch: int):
+    """[B, H, W, P*P*C] -> [B, H*P, W*P, C]: the inverse of `space_to_depth`."""
+    return rearrange(x, "b h w (p q c) -> b (h p) (w q) c", p=patch, q=patch)
+
+
+class NoiseEmbedding(nn.Module):
+    """c_noise [B] -> [B, E]: sinusoidal positions (Vaswani et al.; DDPM++ uses max_positions
+    10000) or random Fourier features (Tancik et al.; NCSN++, scale 16)."""
+
+    features: int
+    kind: str = "positional"
+
+    @nn.compact
+    def __call__(self, c_noise):
+        half = self.features // 2
+        if self.kind == "positional":
+            freqs = (1 / 10000) ** (jnp.arange(half, dtype=jnp.float32) / half)
+        elif self.kind == "fourier":
+            # A fixed draw from numpy's PCG64 (stable across releases), so that the embedding is
+            # a constant of the architecture and needs no state in the checkpoint.
+            freqs = 2 * np.pi * 16 * np.random.default_rng(0).standard_normal(half)
+            freqs = jnp.asarray(freqs, jnp.float32)
+        else:
+            raise ValueError(
+                f"noise embedding {self.kind!r} is not known; known: fourier, positional."
+            )
+        angles = c_noise.astype(jnp.float32)[:, None] * freqs[None, :]
+        return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def resample(x, mode: str | None):
+    """2x average-pool ("down"), 2x nearest-neighbour ("up") or identity (None)."""
+    if mode == "down":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if mode == "up":
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x
+
+
+# The seam for kernel search: a factory (features, name) -> module that maps [B, H, W, C_in] to
+# [B, H, W, features]. The default is the ordinary 3x3 conv; canvas_jax hands its kernels here.
+ConvFactory = Callable[..., nn.Module]
+
+
+def default_conv3x3(features, name, dtype=jnp.float32, init=default_init):
+    return conv(features, 3, name, init=init, dtype=dtype)
+
+
+class ResBlock(nn.Module):
+    """ADM / DDPM++ residual block with scale-shift conditioning (Dhariwal & Nichol 2021, Sec 3):
+
+    h = conv(silu(GN(x))); h = GN(h) (1 + scale) + shift, (scale, shift) = Dense(silu(emb));
+    h = conv(dropout(silu(h))); out = (h + skip(x)) sqrt(1/2). `resample` "down"/"up" resizes
+    inside the block (BigGAN-style, as ADM's resblock_updown). The second conv starts at zero so
+    each block begins as the identity on its skip path.
+    """
+
+    features: int
+    dropout: float = 0.0
+    resample: str | None = None
+    max_groups: int = 32
+    dtype: Any = jnp.float32
+    conv3x3: ConvFactory = default_conv3x3
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool):
+        h = nn.silu(group_norm(x.shape[-1], self.max_groups, "norm0", self.dtype)(x))
+        h = resample(h, self.resample)
+        x = resample(x, self.resample)
+        h = self.conv3x3(self.features, "conv0", dtype=self.dtype)(h)
+        scale_shift = dense(2 * self.features, "affine", ("embed", "mlp"), dtype=self.dtype)(
+            nn.silu(emb)
+        )
+        scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
+        h = group_norm(self.features, self.max_groups, "norm1", self.dtype)(h)
+        h = nn.silu(h * (1 + scale) + shift)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = self.conv3x3(self.features, "conv1", dtype=self.dtype, init=zeros)(h)
+        if x.shape[-1] != self.features:
+            x = conv(self.features, 1, "skip", dtype=self.dtype)(x)
+        return (h + x) * SKIP_SCALE
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all H*W positions through `kernels.attention` ([B, S, heads, D]).
+
+    out = (x + proj(attention(qkv(GN(x))))) sqrt(1/2); proj starts at zero (ADM's zero_module).
+    """
+
+    head_dim: int = 64
+    max_groups: int = 32
+    attention_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, height, width, channels = x.shape
+        heads = channels // self.head_dim
+        h = group_norm(channels, self.max_groups, "norm", self.dtype)(x)
+        qkv = dense(3 * channels, "qkv", ("embed", "heads"), dtype=self.dtype)(h)
+        qkv = qkv.reshape(batch, height * width, 3, heads, self.head_dim)  # [B, S, 3, heads, D]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = kernels.attention(q, k, v, impl=self.attention_impl)
+        out = out.reshape(batch, height, width, channels)
+        out = dense(channels, "proj", ("heads", "embed"), init=zeros, dtype=self.dtype)(out)
+        return (x + out) * SKIP_SCALE

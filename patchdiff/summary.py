@@ -1,0 +1,48 @@
+"""`--mode summary`: what the configured network costs at each stem patch size.
+
+Prints parameters and XLA-counted forward GFLOPs per image at P = 1, 2, 4 (attention kept at the
+same U-Net levels, see `config.with_patch_size`), so that the effect of the patchify stem is
+visible before any training.
+"""
+
+from patchdiff import config as config_lib
+from patchdiff.models.cost import model_cost
+from patchdiff.tables import format_table
+
+PATCH_SIZES = (1, 2, 4)
+
+
+def cost_rows(config, patch_sizes=PATCH_SIZES) -> list[dict]:
+    """One row per patch size that this resolution and depth allow."""
+    rows = []
+    for p in patch_sizes:
+        variant = config_lib.with_patch_size(config, p)
+        # Cost is the network's alone: the patch-training schedule (whose smallest crops may not
+        # fit a deep stem) does not change it.
+        variant.diffusion.patch_scales, variant.diffusion.patch_probs = (1.0,), (1.0,)
+        try:
+            config_lib.validate(variant)
+        except config_lib.ConfigError as e:
+            print(f"P={p}: skipped, {e}")
+            continue
+        cost = model_cost(variant)
+        rows.append(
+            {
+                "patch_size": p,
+                "params_M": cost["params"] / 1e6,
+                "gflops_per_image": cost["gflops_per_image"],
+            }
+        )
+    return rows
+
+
+def summarize(config) -> list[dict]:
+    config_lib.validate(config)
+    m = config.model
+    print(
+        f"{m.name}: channels {m.channels} x {tuple(m.channel_mult)}, {m.num_res_blocks} blocks "
+        f"per level, resolution {config.data.resolution}, {config.data.channels} channels"
+    )
+    rows = cost_rows(config)
+    print(format_table(rows))
+    return rows

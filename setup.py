@@ -1,0 +1,44 @@
+"""Installs the patchdiff and kernels packages.
+
+    pip install -e ".[test]"     # CPU, with what the tests need
+    pip install -e ".[gpu]"      # NVIDIA GPUs: CUDA build of jax, and jax-triton for kernels/
+    pip install -e ".[tpu]"      # TPU VMs
+
+The lower bounds are the versions the test suite was run with (CPU, Python 3.11); the GPU
+machines run jax 0.11.2. TensorFlow is deliberately absent: tfds reads array_record files through
+`tfds.data_source` and grain without it, and it would add about 2 GB to every install.
+"""
+
+import setuptools
+
+CORE = [
+    "absl-py>=2.1",
+    "chex>=0.1.90",
+    "einops>=0.8",
+    "flax>=0.12.8",
+    "grain>=0.2.12",
+    "jax>=0.10.2",
+    "ml-collections>=1.1",
+    "numpy>=2.0",
+    "optax>=0.2.6",
+    "orbax-checkpoint>=0.11",
+    "pillow>=11.0",
+    "tensorflow-datasets>=4.9.9",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.15"],
+    # jax-triton refuses to import without a CUDA build of jax: only kernels/ may import it, lazily.
+    "gpu": ["jax[cuda13]>=0.10.2", "jax-triton>=0.3.1"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+}
+
+setuptools.setup(
+    name="patchdiff",
+    version="0.1.0",
+    description="Patch diffusion training and kernel search in JAX/Flax.",
+    packages=setuptools.find_packages(include=["patchdiff", "patchdiff.*", "kernels", "kernels.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,185 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_params, tiny_config
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from patchdiff import config as config_lib
+from patchdiff.diffusion import patches, precond
+from patchdiff.models import build_model, cost, dummy_inputs, init_params, partitioning
+
+
+def built(config, seed=0):
+    """The model and random (all non-zero) parameters: zero-initialised output layers would
+    block gradients and hide the network's output."""
+    config_lib.validate(config)
+    model = build_model(config)
+    return model, random_params(model, config, seed)
+
+
+@pytest.mark.parametrize("resolution", [16, 32])
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_output_shape(resolution, patch_size, conditioned):
+    config = tiny_config(
+        resolution, patch_size, use_coords=conditioned, num_classes=10 if conditioned else 0
+    )
+    model, params = built(config)
+    x, c_noise, kwargs = dummy_inputs(config, batch=2)
+    assert set(kwargs) == ({"labels", "coords"} if conditioned else set())
+    out = jax.jit(model.apply)({"params": params}, x + 1.0, c_noise, **kwargs)
+    assert out.shape == (2, resolution, resolution, 3)
+    assert out.dtype == jnp.float32
+
+
+def test_a_crop_runs_with_its_coordinates():
+    config = tiny_config(16, 2, use_coords=True)
+    model, params = built(config)
+    images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+    crops, coords = patches.random_patches(jax.random.key(1), images, 8)
+    out = jax.jit(model.apply)({"params": params}, crops, jnp.zeros(3), coords=coords)
+    assert out.shape == (3, 8, 8, 3)
+
+
+def test_stem_patch_size_two_costs_about_a_quarter():
+    config = tiny_config(32, 1)
+    config.model.channels = 32
+    config.model.head_dim = 32
+    flops = {}
+    for p in (1, 2):
+        variant = config_lib.with_patch_size(config, p)
+        flops[p] = cost.model_cost(variant)["gflops_per_image"]
+    ratio = flops[2] / flops[1]
+    assert abs(ratio - 0.25) <= 0.35 * 0.25, ratio
+
+
+def test_gradients_reach_every_parameter():
+    config = tiny_config(16, 2, use_coords=True, num_classes=4, dropout=0.1)
+    model, params = built(config)
+    x, _, kwargs = dummy_inputs(config, batch=2)
+    x = jax.random.normal(jax.random.key(2), x.shape)
+    kwargs["labels"] = jnp.array([1, 4])  # a class and the null label
+
+    def loss(p):
+        out = model.apply(
+            {"params": p},
+            x,
+            jnp.array([0.3, -0.5]),
+            train=True,
+            rngs={"dropout": jax.random.key(3)},
+            **kwargs,
+        )
+        return jnp.mean(out**2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    dead = [jax.tree_util.keystr(path) for path, g in flat if not np.any(np.asarray(g) != 0)]
+    # Only label rows that this batch did not use get no gradient.
+    assert dead == [], dead
+
+
+def test_edm_denoiser_returns_x_as_sigma_goes_to_zero():
+    config = tiny_config(16, 1)
+    model, params = built(config)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+
+    net = jax.jit(lambda x_in, c_noise: model.apply({"params": params}, x_in, c_noise))
+
+    errors = []
+    for sigma in (1e-1, 1e-2, 1e-3, 1e-4):
+        d = precond.denoise(net, precond.EDM(), x, jnp.full((2,), sigma))
+        errors.append(float(jnp.max(jnp.abs(d - x))))
+    assert errors[-1] < 1e-3
+    assert errors == sorted(errors, reverse=True)
+    # and the network's output is not itself zero, so the limit is the preconditioning's doing
+    assert float(jnp.abs(net(x, jnp.zeros(2))).max()) > 1e-2
+
+
+def test_null_label_is_the_default():
+    config = tiny_config(16, 1, num_classes=3)
+    model, params = built(config)
+    x, c_noise, _ = dummy_inputs(config, batch=2)
+    apply = jax.jit(model.apply)
+    none = apply({"params": params}, x, c_noise)
+    null = apply({"params": params}, x, c_noise, labels=jnp.array([3, 3]))
+    other = apply({"params": params}, x, c_noise, labels=jnp.array([0, 1]))
+    np.testing.assert_allclose(none, null)
+    assert not np.allclose(none, other)
+
+
+def test_wrong_conditioning_is_refused():
+    config = tiny_config(16, 1, use_coords=False, num_classes=0)
+    model, params = built(config)
+    x, c_noise, _ = dummy_inputs(config)
+    with pytest.raises(ValueError, match="num_classes = 0"):
+        model.apply({"params": params}, x, c_noise, labels=jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="use_coords = False"):
+        model.apply({"params": params}, x, c_noise, coords=jnp.zeros((1, 16, 16, 2)))
+
+
+def test_conv_seam_builds_every_residual_conv():
+    built_names = []
+
+    def factory(features, name, dtype=jnp.float32, init=None):
+        built_names.append(name)
+        return nn.Conv(features, (1, 1), dtype=dtype, name=name)
+
+    config = tiny_config(16, 1)
+    model = build_model(config, conv3x3=factory)
+    params = random_params(model, config)
+    # 2 levels: encoder 1 + down + 1, middle 2, decoder 2 + up + 2 = 10 blocks, 2 convs each
+    assert len(built_names) == 2 * 10
+    first = params["ResBlock_0"]["conv0"]["kernel"]
+    assert first.shape[:2] == (1, 1)
+
+
+def test_init_gives_float32_params_and_zero_output_layers():
+    config = tiny_config(16, 2, dtype="bfloat16")
+    model = build_model(config)
+    params = init_params(model, jax.random.key(0), config)
+    # the output conv and each block's last conv start at zero (ADM's zero_module)
+    assert not np.any(np.asarray(params["conv_out"]["kernel"]))
+    assert not np.any(np.asarray(params["ResBlock_0"]["conv1"]["kernel"]))
+    assert np.any(np.asarray(params["ResBlock_0"]["conv0"]["kernel"]))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x, c_noise, kwargs = dummy_inputs(config)
+    assert jax.jit(model.apply)({"params": params}, x, c_noise, **kwargs).dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    x, c_noise, kwargs = dummy_inputs(config)
+    assert jax.jit(model.apply)({"params": params}, x, c_noise, **kwargs).dtype == jnp.bfloat16
+
+
+def test_parameters_carry_logical_axes_and_shard_on_a_mesh(devices):
+    config = tiny_config(16, 1)
+    model = build_model(config)
+    x, c_noise, kwargs = dummy_inputs(config, batch=8)
+    specs = partitioning.logical_specs(model, jax.random.key(0), x, c_noise, **kwargs)
+    flat = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
+    )[0]
+    names = {name for _, spec in flat for name in spec if name}
+    assert {"conv_in", "conv_out", "embed", "mlp", "heads", "norm"} <= names
+    assert all(isinstance(spec, PartitionSpec) and len(spec) for _, spec in flat)
+
+    mesh = Mesh(np.array(devices), ("data",))
+    shardings = partitioning.mesh_shardings(specs, mesh)
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+    params = random_params(model, config)
+    x = jax.random.normal(jax.random.key(1), x.shape)
+    expect = jax.jit(model.apply)({"params": params}, x, c_noise, **kwargs)
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = jax.jit(
+        lambda p, x, c, k: model.apply({"params": p}, x, c, **k),
+        in_shardings=(shardings["params"], batch, batch, batch),
+        out_shardings=batch,
+    )(params, x, c_noise, kwargs)
+    np.testing.assert_allclose(sharded, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_name():
+    config = tiny_config()
+    config.model.name = "dit"
+    with pytest.raises(ValueError, match="config.model.name = 'dit' is not a known model"):
+        build_model(config)
