@@ -12,16 +12,21 @@ from patchdiff.tables import format_table
 PATCH_SIZES = (1, 2, 4)
 
 
+def network_variant(config, patch_size: int):
+    """`config` with stem patch size P (attention at the same levels) and no patch-training
+    schedule, validated: cost is the network's alone, and the smallest training crops may not fit
+    a deep stem. Raises ConfigError where P does not fit the resolution and depth."""
+    variant = config_lib.with_patch_size(config, patch_size)
+    variant.diffusion.patch_scales, variant.diffusion.patch_probs = (1.0,), (1.0,)
+    return config_lib.validate(variant)
+
+
 def cost_rows(config, patch_sizes=PATCH_SIZES) -> list[dict]:
     """One row per patch size that this resolution and depth allow."""
     rows = []
     for p in patch_sizes:
-        variant = config_lib.with_patch_size(config, p)
-        # Cost is the network's alone: the patch-training schedule (whose smallest crops may not
-        # fit a deep stem) does not change it.
-        variant.diffusion.patch_scales, variant.diffusion.patch_probs = (1.0,), (1.0,)
         try:
-            config_lib.validate(variant)
+            variant = network_variant(config, p)
         except config_lib.ConfigError as e:
             print(f"P={p}: skipped, {e}")
             continue

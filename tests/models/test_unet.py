@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_params, tiny_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from conftest import random_params, tiny_config
 from patchdiff import config as config_lib
 from patchdiff.diffusion import patches, precond
 from patchdiff.models import build_model, cost, dummy_inputs, init_params, partitioning
