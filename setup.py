@@ -4,31 +4,32 @@
     pip install -e ".[gpu]"      # NVIDIA GPUs: CUDA build of jax, and jax-triton for kernels/
     pip install -e ".[tpu]"      # TPU VMs
 
-The lower bounds are the versions the test suite was run with (CPU, Python 3.11); the GPU
-machines run jax 0.11.2. TensorFlow is deliberately absent: tfds reads array_record files through
-`tfds.data_source` and grain without it, and it would add about 2 GB to every install.
+The lower bounds are the versions the test suite was run with (CPU, Python 3.11, 2026-11); the
+GPU machines run jax 0.11.2 with Python 3.12. TensorFlow is deliberately absent: tfds reads
+array_record files through `tfds.data_source` and grain without it, and it would add about 2 GB
+to every install.
 """
 
 import setuptools
 
 CORE = [
-    "absl-py>=2.1",
-    "chex>=0.1.90",
-    "einops>=0.8",
+    "absl-py>=2.5.1",
+    "chex>=0.1.92",
+    "einops>=0.8.2",
     "flax>=0.12.8",
-    "grain>=0.2.12",
+    "grain>=0.2.18",
     "jax>=0.10.2",
-    "ml-collections>=1.1",
-    "numpy>=2.0",
-    "optax>=0.2.6",
-    "orbax-checkpoint>=0.11",
-    "pillow>=11.0",
-    "tensorflow-datasets>=4.9.9",
+    "ml-collections>=1.1.0",
+    "numpy>=2.4",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "pillow>=13.0",
+    "tensorflow-datasets>=4.9.10",
 ]
 
 EXTRAS = {
     # ruff's formatting rules change between minor releases: a new one must not fail CI.
-    "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.15,<0.18"],
+    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.15,<0.18"],
     # jax-triton refuses to import without a CUDA build of jax: only kernels/ may import it, lazily.
     "gpu": ["jax[cuda13]>=0.10.2", "jax-triton>=0.3.1"],
     "tpu": ["jax[tpu]>=0.10.2"],

@@ -26,12 +26,11 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # Xa
 zeros = nn.initializers.zeros
 
 
-def conv(features, kernel, name, *, stride=1, init=default_init, dtype=jnp.float32):
+def conv(features, kernel, name, *, init=default_init, dtype=jnp.float32):
     """A 'SAME' conv with kernel axes (None, None, "conv_in", "conv_out")."""
     return nn.Conv(
         features,
         (kernel, kernel),
-        strides=(stride, stride),
         padding="SAME",
         dtype=dtype,
         kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
