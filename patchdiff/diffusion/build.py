@@ -1,8 +1,9 @@
 """Builders: the one place where `config.diffusion` is unpacked into the pure functions.
 
-`build_precond`, `build_noise_distribution`, `build_weighting` and `build_patch_schedule` return
-objects and closures that the loss and samplers take as arguments. `config` is the whole
-ConfigDict (patch sizes depend on `config.data.resolution`).
+`build_precond`, `build_noise_distribution` and `build_weighting` take `config.diffusion` (dcfg);
+`build_patch_schedule` takes the whole config, since crop sizes depend on
+`config.data.resolution`. They return the objects and closures that the loss and samplers take
+as arguments.
 """
 
 import functools

@@ -13,6 +13,7 @@ with the image.
 Glossary: B batch, R image resolution, P stem patch size, C channels, E = 4 * channels.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -74,12 +75,12 @@ class UNet(nn.Module):
             dropout=self.dropout, max_groups=self.max_groups, dtype=self.dtype, conv3x3=self.conv3x3
         )
 
+        attention = functools.partial(
+            AttentionBlock, self.head_dim, self.max_groups, self.attention_impl, self.dtype
+        )
+
         def attend(h, level):
-            if levels[level] not in self.attn_resolutions:
-                return h
-            return AttentionBlock(self.head_dim, self.max_groups, self.attention_impl, self.dtype)(
-                h
-            )
+            return attention()(h) if levels[level] in self.attn_resolutions else h
 
         # Encoder.
         h = space_to_depth(x, self.patch_size)
@@ -96,7 +97,7 @@ class UNet(nn.Module):
         # Middle.
         mid = self.channels * self.channel_mult[-1]
         h = ResBlock(mid, **block)(h, emb, train)
-        h = AttentionBlock(self.head_dim, self.max_groups, self.attention_impl, self.dtype)(h)
+        h = attention()(h)
         h = ResBlock(mid, **block)(h, emb, train)
 
         # Decoder.

@@ -74,3 +74,10 @@ def test_bad_schedules_are_refused(scales, probs, match):
 def test_bad_patch_size_is_refused():
     with pytest.raises(ValueError, match="must lie in 1..8"):
         patches.random_patches(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), 16)
+
+
+def test_the_default_config_builds_the_papers_schedule():
+    from ml_collections_configs import base
+    from patchdiff.diffusion.build import build_patch_schedule
+
+    assert build_patch_schedule(base.get_config()) == patches.paper_schedule(32)
