@@ -15,6 +15,7 @@ import setuptools
 CORE = [
     "absl-py>=2.5.1",
     "chex>=0.1.92",
+    "diffrax>=0.7.2",
     "einops>=0.8.2",
     "flax>=0.12.8",
     "grain>=0.2.18",
