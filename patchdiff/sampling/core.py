@@ -39,8 +39,9 @@ def ancestral_step(sigma_from, sigma_to, eta=1.0):
 
 
 def call(denoiser, x, sigma):
-    """denoiser(x, sigma) with a scalar sigma broadcast to the batch [B]."""
-    return denoiser(x, jnp.full(x.shape[:1], sigma, x.dtype))
+    """denoiser(x, sigma) with a scalar sigma broadcast to the batch [B]. Sigma keeps its own
+    dtype (float32 from the grids), also when x is bfloat16: c_noise needs its precision."""
+    return denoiser(x, jnp.full(x.shape[:1], sigma))
 
 
 def is_zero(value) -> bool:
