@@ -61,6 +61,7 @@ def noise_inputs(name, x, num_steps, key, noise, draws):
     """Per-step inputs of the scan: the given noise rows, or one key per step."""
     expect = (num_steps, *x.shape) if draws == 1 else (num_steps, draws, *x.shape)
     if noise is not None:
+        noise = jnp.asarray(noise)  # a numpy array cannot be indexed by a traced step number
         if tuple(noise.shape) != expect:
             raise ValueError(
                 f"sample_{name}: noise must have shape {expect} (one row of standard-normal "

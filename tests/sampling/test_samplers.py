@@ -114,6 +114,19 @@ def test_noise_argument_reproduces_the_key_path(name):
     assert not np.allclose(from_key, other)
 
 
+def test_noise_may_be_a_numpy_array():
+    x = jnp.ones((2, 3))
+    sigmas = sampling.get_sigmas_karras(6, 0.01, 10.0)
+    noise = np.asarray(sampling.noise_from_key(jax.random.key(0), 6, x.shape))
+    for name in ("dpm_fast", "euler_ancestral"):
+        options = dict(eta=1.0) if name == "dpm_fast" else {}
+        from_numpy = sampling.sample(name, gaussian.denoiser, x, sigmas, noise=noise, **options)
+        from_key = sampling.sample(
+            name, gaussian.denoiser, x, sigmas, key=jax.random.key(0), **options
+        )
+        np.testing.assert_allclose(from_numpy, from_key, rtol=1e-5, atol=1e-6)
+
+
 def test_noise_rows_are_used_step_by_step():
     # Euler-ancestral by hand with the same rows: row i is step i's draw.
     x = 5.0 * jax.random.normal(jax.random.key(6), (2, 3))
