@@ -25,7 +25,9 @@ CORE = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
     "pillow>=13.0",
+    "tensorboardX>=2.6",
     "tensorflow-datasets>=4.9.10",
+    "tqdm>=4.66",
 ]
 
 EXTRAS = {
@@ -34,6 +36,8 @@ EXTRAS = {
     # jax-triton refuses to import without a CUDA build of jax: only kernels/ may import it, lazily.
     "gpu": ["jax[cuda13]>=0.10.2", "jax-triton>=0.3.1"],
     "tpu": ["jax[tpu]>=0.10.2"],
+    # Only to prepare TFDS datasets once (tfds encodes images with TF); training never needs it.
+    "prepare": ["tensorflow-cpu>=2.16"],
 }
 
 setuptools.setup(

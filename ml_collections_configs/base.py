@@ -30,9 +30,53 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.name = "cifar10"
+    config.data.source = "tfds"  # tfds, fashion_mnist, idx, npz, folder
+    config.data.name = "cifar10"  # the TFDS dataset name
+    config.data.path = ""  # folder / .npz / IDX folder; for tfds the data_dir ("" = default)
+    config.data.split = "train"
     config.data.resolution = 32
     config.data.channels = 3
+    config.data.fit = "crop_resize"  # or "pad" (smaller images padded to the resolution)
+    config.data.random_flip = True
+    config.data.threads = 4  # decoding threads per process
+    config.data.prefetch = 2  # batches prepared ahead of the device
+
+    # EDM's CIFAR-10 training (Karras et al. 2022, Table 7): batch 512, Adam lr 1e-3 ramped up
+    # over 10 Mimg, EMA half-life 0.5 Mimg with ramp-up ratio 0.05, 200 Mimg in all.
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 512  # global, at full resolution (x2 at R/2, x4 at R/4)
+    config.train.total_steps = 400_000
+    config.train.lr = 1e-3
+    config.train.lr_schedule = "edm_rampup"  # or "warmup_cosine", "constant"
+    config.train.lr_rampup_img = 10_000_000  # edm_rampup
+    config.train.warmup_steps = 1000  # warmup_cosine
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.999
+    config.train.adam_eps = 1e-8
+    config.train.grad_clip = 0.0  # global-norm clipping; 0 = off
+    config.train.grad_accum = 1  # micro-batches per step (same update, less memory)
+    config.train.ema_halflife_img = 500_000
+    config.train.ema_rampup_ratio = 0.05  # 0 = off
+    config.train.ema_decay = 0.0  # > 0: a fixed decay per step instead of the half-life
+    config.train.label_dropout = 0.1  # null label for classifier-free guidance (if classes)
+    config.train.log_every = 100
+    config.train.checkpoint_every = 5000
+    config.train.keep_checkpoints = 3
+    config.train.sample_every = 10_000  # sample grid from the EMA params; 0 = off
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.sampler = "heun"  # any name in patchdiff.sampling.SAMPLERS
+    config.sample.steps = 18
+    config.sample.rho = 7.0  # Karras grid between diffusion.sigma_min and sigma_max
+    config.sample.num_images = 64  # grid during training, and --mode sample
+    config.sample.batch_size = 64
+    config.sample.guidance_scale = 1.0  # classifier-free guidance (class-conditional models)
+    config.sample.seed = 0
+    config.sample.churn = 0.0  # s_churn for euler / heun / dpm_2
+    config.sample.eta = 1.0  # for ancestral and SDE samplers
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.model = 1  # devices per model-parallel group; the rest is data parallel
 
     # DDPM++ at CIFAR-10 size (EDM, Table 7 / `--arch=ddpmpp`): 128 channels, mult (2, 2, 2),
     # 4 blocks per level, attention at 16x16, dropout 0.13.
@@ -78,4 +122,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.num_res_blocks = 1
         config.model.attn_resolutions = (16,)
         config.model.head_dim = 32
+        config.train.batch_size = 16
+        config.train.total_steps = 20
+        config.train.log_every = 5
+        config.train.checkpoint_every = 10
+        config.train.sample_every = 10
+        config.train.lr_rampup_img = 1000
+        config.sample.num_images = 16
+        config.sample.batch_size = 16
+        config.sample.steps = 8
     return config

@@ -1,0 +1,121 @@
+"""Checkpoints with orbax's CheckpointManager: the train state, the data position and the config.
+
+Saves are asynchronous (training goes on while the files are written; orbax renames a step's
+folder into place only when it is complete, so a crash never leaves a half checkpoint that looks
+whole). Restore takes the newest step that reads back; a damaged newest one is skipped with a
+warning. A checkpoint written under another network or data shape is refused with a sentence
+that names the first field that differs.
+"""
+
+import json
+import logging
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+# Fields whose change makes a checkpoint unusable (parameter shapes or their meaning).
+SHAPE_FIELDS = (
+    "model.name",
+    "model.channels",
+    "model.channel_mult",
+    "model.num_res_blocks",
+    "model.attn_resolutions",
+    "model.head_dim",
+    "model.patch_size",
+    "model.num_classes",
+    "model.use_coords",
+    "model.noise_embedding",
+    "data.resolution",
+    "data.channels",
+    "diffusion.parameterisation",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with this config."""
+
+
+def _field(config_dict, dotted):
+    node = config_dict
+    for part in dotted.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, tuple | list) else node
+
+
+def check_compatible(saved: dict, config, where) -> None:
+    current = json.loads(config.to_json_best_effort())
+    for field in SHAPE_FIELDS:
+        old, new = _field(saved, field), _field(current, field)
+        if old != new:
+            raise CheckpointError(
+                f"the checkpoint in {where} was written with config.{field} = {old!r}, but this "
+                f"config has {new!r}: use another --workdir or the checkpoint's settings."
+            )
+
+
+class Checkpointer:
+    def __init__(self, directory, *, keep: int, every: int):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+        self.every = every
+
+    def save(self, step: int, state, meta: dict, force=False) -> bool:
+        """Saves at multiples of `every` (or always with `force`); returns whether it saved."""
+        if not force and (self.every <= 0 or step % self.every):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state, config):
+        """(state, meta) from the newest readable checkpoint, or None when there is none."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
+            except Exception as e:  # damaged: fall back to the previous one
+                logging.warning(
+                    "checkpoint %d in %s cannot be read (%s); trying an older one.",
+                    step,
+                    self.directory,
+                    e,
+                )
+                continue
+            check_compatible(meta["config"], config, self.directory)
+            try:
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                )
+            except Exception as e:
+                logging.warning(
+                    "checkpoint %d in %s cannot be read (%s); trying an older one.",
+                    step,
+                    self.directory,
+                    e,
+                )
+                continue
+            return restored["state"], meta
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract, shardings):
+    """ShapeDtypeStructs that carry the target shardings, so that restore lays arrays out on the
+    mesh directly."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )

@@ -1,0 +1,231 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, top to bottom; and `sample`, the
+`--mode sample` entry.
+
+Sections: mesh, data, model and optimizer, state (fresh or restored), step, the loop with its
+reports, checkpoints and sample grids, and shutdown. SIGTERM/SIGINT finish the current step, save
+a checkpoint and return; a non-finite loss stops with the step's number, the last good
+checkpoint kept.
+"""
+
+import logging
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from patchdiff import config as config_lib
+from patchdiff import data as data_lib
+from patchdiff import generate
+from patchdiff.models import build_model, init_params
+from patchdiff.models.partitioning import REPLICATED_RULES
+from patchdiff.train.checkpoint import Checkpointer, abstract_with_shardings
+from patchdiff.train.optim import build_optimizer
+from patchdiff.train.report import MetricsWriter, save_grid
+from patchdiff.train.state import create_state, state_shardings
+from patchdiff.train.step import make_train_step
+
+# With a model axis, shard the wide parameter axes over it (MaxText-style logical rules).
+MODEL_PARALLEL_RULES = (
+    ("conv_out", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("conv_in", None),
+    ("embed", None),
+    ("norm", None),
+    ("vocab", None),
+)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss."""
+
+
+def make_mesh(config) -> tuple[Mesh, tuple]:
+    devices = jax.devices()
+    model = config.mesh.model
+    if model < 1 or len(devices) % model:
+        raise config_lib.ConfigError(
+            f"config.mesh.model = {model} is not allowed: it must divide the {len(devices)} "
+            "devices."
+        )
+    mesh = Mesh(np.array(devices).reshape(len(devices) // model, model), ("data", "model"))
+    return mesh, (REPLICATED_RULES if model == 1 else MODEL_PARALLEL_RULES)
+
+
+def _restore_or_init(checkpointer, model, optimizer, config, shardings, abstract):
+    restored = checkpointer.restore(abstract_with_shardings(abstract, shardings), config)
+    if restored is not None:
+        state, meta = restored
+        logging.info("resumed from step %d", meta["step"])
+        return state, meta["position"]
+    params = init_params(model, jax.random.PRNGKey(config.seed), config)
+    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
+    return state, 0
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Trains `config` in `workdir` until config.train.total_steps; resumes what is there."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg = config.train
+    primary = jax.process_index() == 0
+
+    # Mesh: data parallel over all devices (times an optional model axis).
+    mesh, rules = make_mesh(config)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    # Model, optimizer, state.
+    model = build_model(config)
+    optimizer = build_optimizer(tcfg)
+    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every
+    )
+    state, position = _restore_or_init(checkpointer, model, optimizer, config, shardings, abstract)
+    start = int(state.step)
+    train_step = make_train_step(model, optimizer, config, shardings, batch_sharding)
+    generator = generate.make_generator(model, config) if tcfg.sample_every else None
+
+    # Data: the plan of step s is a function of s; the loader continues from `position`.
+    loader = data_lib.build_loader(config, position)
+    positions = {start: position}
+
+    def produce(step):
+        patch_size, size = data_lib.step_plan(config, step)
+        batch = data_lib.to_global(loader.next(size), batch_sharding)
+        positions[step + 1] = loader.position
+        return patch_size, batch
+
+    prefetch = data_lib.Prefetcher(produce, start, depth=config.data.prefetch)
+
+    # Signals: finish the step, save, leave.
+    stop = {"signal": None}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
+
+    def meta(step):
+        return {
+            "step": step,
+            "position": positions[step],
+            "config": config.to_dict(),
+            "skipped_images": loader.skipped,
+        }
+
+    writer = MetricsWriter(workdir, enabled=primary)
+    bar = tqdm(
+        total=tcfg.total_steps, initial=start, disable=not primary or None, dynamic_ncols=True
+    )
+    window = {"start": time.perf_counter(), "images": 0, "metrics": [], "sizes": []}
+    step = start
+    try:
+        while step < tcfg.total_steps and stop["signal"] is None:
+            patch_size, batch = prefetch.get()
+            state, metrics = train_step(state, batch, patch_size)
+            step += 1
+            window["images"] += batch["image"].shape[0]
+            window["metrics"].append(metrics)
+            window["sizes"].append(patch_size)
+            if step % tcfg.log_every == 0 or step == tcfg.total_steps:
+                report = _report(window, int(state.bad_step), step)
+                writer.write(step, report)
+                bar.set_postfix(loss=f"{report['loss']:.4f}", img_s=f"{report['img_per_s']:.1f}")
+                if not bar.disable:
+                    bar.update(step - bar.n)
+                else:
+                    print(
+                        f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()),
+                        flush=True,
+                    )
+            checkpointer.save(step, state, meta(step))
+            if generator is not None and step % tcfg.sample_every == 0 and primary:
+                _sample_grid(generator, state, config, workdir, step)
+        if stop["signal"] is not None:
+            print(
+                f"stopping at step {step} on signal {stop['signal']}: saving a checkpoint",
+                file=sys.stderr,
+            )
+        if int(state.bad_step) < 0:
+            checkpointer.save(step, state, meta(step), force=True)
+    except TrainingStopped as e:
+        print(f"patchdiff: {e}", file=sys.stderr)
+        raise
+    finally:
+        prefetch.close()
+        checkpointer.close()
+        writer.close()
+        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return {"step": step, "state": state}
+
+
+def _report(window, bad_step, step) -> dict:
+    """Averages since the last report; raises TrainingStopped after a non-finite loss."""
+    if bad_step >= 0:
+        raise TrainingStopped(
+            f"the loss or its gradient became non-finite at step {bad_step}; training stopped "
+            "there and the last checkpoint before it is kept (lower config.train.lr or enable "
+            "config.train.grad_clip)."
+        )
+    metrics = jax.device_get(window["metrics"])
+    seconds = time.perf_counter() - window["start"]
+    report = {
+        "loss": float(np.mean([m["loss"] for m in metrics])),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in metrics])),
+        "lr": float(metrics[-1]["lr"]),
+        "img_per_s": window["images"] / seconds,
+        "step_time_s": seconds / len(metrics),
+    }
+    for size in sorted(set(window["sizes"])):
+        losses = [m["loss"] for m, s in zip(metrics, window["sizes"], strict=True) if s == size]
+        report[f"loss_patch{size}"] = float(np.mean(losses))
+    window.update(start=time.perf_counter(), images=0, metrics=[], sizes=[])
+    return report
+
+
+def _sample_grid(generator, state, config, workdir, step):
+    images, _ = generate.generate_all(generator, state.ema, config, config.sample.num_images)
+    save_grid(images, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+
+
+def restore_latest(config, workdir):
+    """(model, state, meta) from the newest readable checkpoint in `workdir`."""
+    config_lib.validate(config)
+    workdir = pathlib.Path(workdir)
+    mesh, rules = make_mesh(config)
+    model = build_model(config)
+    optimizer = build_optimizer(config.train)
+    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", keep=config.train.keep_checkpoints, every=0
+    )
+    try:
+        restored = checkpointer.restore(abstract_with_shardings(abstract, shardings), config)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir / 'checkpoints'}: train first (--mode train) or point "
+            "--workdir at a run."
+        )
+    return (model, *restored)
+
+
+def sample(config, workdir) -> pathlib.Path:
+    """`--mode sample`: config.sample.num_images images from the newest checkpoint's EMA, as PNG
+    files, images.npz and grid.png under WORKDIR/generated/."""
+    model, state, meta = restore_latest(config, workdir)
+    generator = generate.make_generator(model, config)
+    images, labels = generate.generate_all(generator, state.ema, config, config.sample.num_images)
+    s = config.sample
+    name = f"step{meta['step']}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}"
+    folder = generate.write_samples(images, labels, pathlib.Path(workdir) / "generated" / name)
+    print(f"wrote {len(images)} images to {folder}")
+    return folder

@@ -1,0 +1,110 @@
+"""The train step: one jitted function per patch size, with in/out shardings on the mesh and the
+state donated.
+
+loss -> grads (optionally over micro-batches) -> Adam with the step's learning rate -> EMA. A step
+whose loss or gradient norm is not finite leaves the state as it was and records its number in
+`state.bad_step`, which the loop checks at its next report: no host sync per step.
+
+Glossary: B batch, R resolution, p patch size, C channels.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from patchdiff.diffusion import build as diffusion_build
+from patchdiff.diffusion.losses import denoising_loss
+from patchdiff.diffusion.patches import random_patches
+from patchdiff.train.optim import ema_beta, learning_rate
+
+
+def make_loss_fn(model, config):
+    """loss(params, batch, key, patch_size) -> scalar: crops, label dropout, the denoising loss."""
+    d, m = config.diffusion, config.model
+    precond = diffusion_build.build_precond(d)
+    sample_sigma = diffusion_build.build_noise_distribution(d, precond)
+    weighting = diffusion_build.build_weighting(d, precond)
+    label_dropout = config.train.label_dropout
+
+    def loss_fn(params, batch, key, patch_size):
+        k_patch, k_loss, k_drop, k_label = jax.random.split(key, 4)
+        images, coords = random_patches(k_patch, batch["image"], patch_size)  # [B, p, p, C]
+        kwargs = {"coords": coords} if m.use_coords else {}
+        if m.num_classes:
+            drop = jax.random.uniform(k_label, batch["label"].shape) < label_dropout
+            kwargs["labels"] = jnp.where(drop, m.num_classes, batch["label"])
+
+        def net(x_in, c_noise, **kw):
+            return model.apply(
+                {"params": params}, x_in, c_noise, train=True, rngs={"dropout": k_drop}, **kw
+            )
+
+        per_example = denoising_loss(
+            net,
+            k_loss,
+            images,
+            precond=precond,
+            sample_sigma=sample_sigma,
+            weighting=weighting,
+            **kwargs,
+        )
+        return jnp.mean(per_example)
+
+    return loss_fn
+
+
+def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
+    """step(state, batch, patch_size) -> (state, metrics), jitted with `patch_size` static."""
+    loss_fn = make_loss_fn(model, config)
+    tcfg = config.train
+    accum = tcfg.grad_accum
+
+    def grads_of(params, batch, key, patch_size):
+        if accum == 1:
+            return jax.value_and_grad(loss_fn)(params, batch, key, patch_size)
+        micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
+
+        def add(carry, inputs):
+            i, mb = inputs
+            loss, grads = jax.value_and_grad(loss_fn)(
+                params, mb, jax.random.fold_in(key, i), patch_size
+            )
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, (jnp.arange(accum), micro))
+        return jax.tree.map(lambda a: a / accum, (loss, grads))
+
+    def step(state, batch, patch_size):
+        key = jax.random.fold_in(state.key, state.step)
+        loss, grads = grads_of(state.params, batch, key, patch_size)
+        grad_norm = optax.tree.norm(grads)
+        batch_images = batch["image"].shape[0]
+        lr = learning_rate(tcfg, state.step, state.nimg)
+        opt_state = state.opt_state
+        opt_state.hyperparams["learning_rate"] = lr
+        updates, opt_state = optimizer.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        nimg = state.nimg + batch_images
+        beta = ema_beta(tcfg, nimg, batch_images)
+        ema = jax.tree.map(lambda e, p: beta * e + (1 - beta) * p, state.ema, params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            nimg=jnp.where(ok, nimg, state.nimg),
+            params=keep(params, state.params),
+            ema=keep(ema, state.ema),
+            opt_state=keep(opt_state, state.opt_state),
+            bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step),
+        )
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step,
+        static_argnums=2,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )

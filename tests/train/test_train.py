@@ -1,0 +1,197 @@
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ml_collections_configs import base
+from patchdiff import train
+from patchdiff.train.checkpoint import CheckpointError
+from patchdiff.train.loop import restore_latest
+
+ROOT = pathlib.Path(__file__).parents[2]
+
+
+def make_data(path, n=64, resolution=16):
+    rng = np.random.default_rng(0)
+    # blobs on a dark background: something with structure to learn
+    yy, xx = np.mgrid[:resolution, :resolution]
+    images = []
+    for _ in range(n):
+        cy, cx = rng.integers(4, resolution - 4, 2)
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < 9).astype(np.uint8) * 255
+        images.append(np.stack([blob, blob // 2, 255 - blob], -1))
+    np.savez(path, images=np.stack(images), labels=np.arange(n) % 3)
+    return path
+
+
+def tiny_config(data_path, patches=False, **train_fields):
+    config = base.get_config()
+    config.data.source = "npz"
+    config.data.path = str(data_path)
+    config.data.resolution = 16
+    config.data.threads = 2
+    config.model.channels = 8
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (8,)
+    config.model.head_dim = 8
+    config.model.dropout = 0.0
+    config.model.num_classes = 3
+    if patches:
+        config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0, 0.5), (0.5, 0.5)
+    else:
+        config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
+    config.train.batch_size = 8
+    config.train.total_steps = 6
+    config.train.lr_rampup_img = 32
+    config.train.ema_halflife_img = 64
+    config.train.log_every = 3
+    config.train.checkpoint_every = 3
+    config.train.sample_every = 6
+    config.sample.steps = 4
+    config.sample.num_images = 6
+    config.sample.batch_size = 6
+    for name, value in train_fields.items():
+        setattr(config.train, name, value)
+    return config
+
+
+def test_a_few_steps_of_patch_training(tmp_path):
+    config = tiny_config(make_data(tmp_path / "d.npz"), patches=True)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert result["step"] == 6
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [line["step"] for line in lines] == [3, 6]
+    assert all(np.isfinite(line["loss"]) and line["img_per_s"] > 0 for line in lines)
+    assert any(key.startswith("loss_patch") for key in lines[0])
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3", "6"]
+    assert (tmp_path / "run" / "samples" / "step_0000006.png").exists()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    # Sample mode: any sampler, guidance and seed, from the newest checkpoint.
+    config.sample.sampler = "dpmpp_2m_sde"
+    config.sample.guidance_scale = 2.0
+    config.sample.num_images = 5
+    folder = train.sample(config, tmp_path / "run")
+    assert len(list(folder.glob("0*.png"))) == 5
+    with np.load(folder / "images.npz") as saved:
+        assert saved["images"].shape == (5, 16, 16, 3) and saved["images"].dtype == np.uint8
+        assert list(saved["labels"]) == [0, 1, 2, 0, 1]
+    # Run again: already at total_steps, it resumes and stops at once.
+    assert train.train_and_evaluate(config, tmp_path / "run")["step"] == 6
+
+
+def run_cli(workdir, data, steps, wait_for_checkpoint=None):
+    """Trains in a subprocess; with `wait_for_checkpoint`, kill -9 it once that step is saved."""
+    args = [
+        sys.executable,
+        "-m",
+        "patchdiff.main",
+        "--config",
+        str(ROOT / "tests" / "train" / "tiny_config.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.path={data}",
+        f"--config.train.total_steps={steps}",
+    ]
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if wait_for_checkpoint is None:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, out
+        return
+    target = pathlib.Path(workdir) / "checkpoints" / str(wait_for_checkpoint)
+    deadline = time.time() + 300
+    while not target.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    out, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed: {out}"
+
+
+def test_a_run_killed_with_sigkill_resumes_bitwise_exactly(tmp_path):
+    data = make_data(tmp_path / "d.npz")
+    run_cli(tmp_path / "straight", data, 10)
+    run_cli(tmp_path / "killed", data, 10, wait_for_checkpoint=5)
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints") if s.isdigit())
+    assert 5 in saved and 10 not in saved
+    run_cli(tmp_path / "killed", data, 10)  # resumes from the newest complete checkpoint
+    config = tiny_config(data)
+    config.train.checkpoint_every = 1
+    _, a, meta_a = restore_latest(config, tmp_path / "straight")
+    _, b, meta_b = restore_latest(config, tmp_path / "killed")
+    assert meta_a["step"] == meta_b["step"] == 10
+    assert meta_a["position"] == meta_b["position"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
+    data = make_data(tmp_path / "d.npz")
+    train.train_and_evaluate(tiny_config(data, total_steps=3, sample_every=0), tmp_path / "run")
+    other = tiny_config(data)
+    other.model.channels = 16
+    with pytest.raises(
+        CheckpointError,
+        match=r"written with config.model.channels = 8, but this "
+        r"config has 16",
+    ):
+        train.train_and_evaluate(other, tmp_path / "run")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    data = make_data(tmp_path / "d.npz")
+    config = tiny_config(data, total_steps=6, sample_every=0)
+    train.train_and_evaluate(config, tmp_path / "run")
+    for path in (tmp_path / "run" / "checkpoints" / "6" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 8)
+    _, state, meta = restore_latest(config, tmp_path / "run")
+    assert meta["step"] == 3 and int(state.step) == 3
+    assert "cannot be read" in caplog.text
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path):
+    data = make_data(tmp_path / "d.npz")
+    config = tiny_config(
+        data,
+        total_steps=9,
+        lr=1e30,
+        lr_schedule="constant",
+        sample_every=0,
+        checkpoint_every=1,
+        log_every=1,
+    )
+    with pytest.raises(train.TrainingStopped, match=r"non-finite at step \d+"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    _, state, meta = restore_latest(config, tmp_path / "run")
+    assert int(state.bad_step) == -1
+    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+
+
+def test_main_needs_a_workdir_and_names_a_missing_checkpoint(tmp_path):
+    base_args = [
+        sys.executable,
+        "-m",
+        "patchdiff.main",
+        "--config",
+        "ml_collections_configs/base.py:runlocal",
+    ]
+    result = subprocess.run(base_args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--mode train needs --workdir DIR" in result.stderr
+    result = subprocess.run(
+        base_args + ["--mode", "sample", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0 and "no checkpoint in" in result.stderr
