@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_arg(arg)
     config = ml_collections.ConfigDict()
     config.seed = 0
+    config.distributed = False  # multi-host: jax.distributed.initialize() before anything else
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "tfds"  # tfds, fashion_mnist, idx, npz, folder
@@ -74,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.seed = 0
     config.sample.churn = 0.0  # s_churn for euler / heun / dpm_2
     config.sample.eta = 1.0  # for ancestral and SDE samplers
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"  # held-out images for --mode eval
+    config.eval.num_examples = 1000
+    config.eval.num_sigmas = 8  # denoising error at levels from sigma_min to sigma_max
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.model = 1  # devices per model-parallel group; the rest is data parallel

@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.model.num_classes = 10
 
     config.train.batch_size = 64
-    config.train.total_steps = 1500
+    config.train.total_steps = 1000
     config.train.lr = 2e-3
     config.train.lr_rampup_img = 20_000
     config.train.ema_halflife_img = 10_000

@@ -42,10 +42,24 @@ def validate(config):
     _validate_data(config.data)
     _validate_model(config)
     _validate_diffusion(config)
+    _validate_train(config)
+    _validate_sample(config.sample)
     return config
 
 
 def _validate_data(data):
+    from patchdiff.data.pipeline import FITS
+    from patchdiff.data.sources import SOURCES
+
+    _one_of("data.source", data.source, SOURCES.names())
+    _one_of("data.fit", data.fit, FITS)
+    if data.source in ("npz", "folder", "idx"):
+        _check(
+            bool(data.path),
+            "data.path",
+            data.path,
+            f"data.source = {data.source!r} reads from a path; set one",
+        )
     _check(
         _is_int(data.resolution) and data.resolution > 0,
         "data.resolution",
@@ -220,3 +234,59 @@ def with_patch_size(config, patch_size: int):
     new.model.patch_size = patch_size
     new.model.attn_resolutions = tuple(r * old // patch_size for r in config.model.attn_resolutions)
     return new
+
+
+def _positive_int(field, value):
+    _check(_is_int(value) and value > 0, field, value, "it must be a positive integer")
+
+
+def _validate_train(config):
+    from patchdiff.train.optim import LR_SCHEDULES
+
+    t = config.train
+    _positive_int("train.batch_size", t.batch_size)
+    _check(
+        _is_int(t.total_steps) and t.total_steps >= 0,
+        "train.total_steps",
+        t.total_steps,
+        "it must be a non-negative integer",
+    )
+    _check(t.lr > 0, "train.lr", t.lr, "it must be positive")
+    _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    _positive_int("train.grad_accum", t.grad_accum)
+    _check(
+        t.batch_size % t.grad_accum == 0,
+        "train.grad_accum",
+        t.grad_accum,
+        f"it must divide config.train.batch_size = {t.batch_size}",
+    )
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be 0 (off) or positive")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "it must lie in [0, 1)")
+    _check(
+        t.ema_halflife_img > 0, "train.ema_halflife_img", t.ema_halflife_img, "it must be positive"
+    )
+    _check(
+        0 <= t.label_dropout < 1, "train.label_dropout", t.label_dropout, "it must lie in [0, 1)"
+    )
+    _positive_int("train.log_every", t.log_every)
+    for name in ("checkpoint_every", "sample_every"):
+        value = t[name]
+        _check(
+            _is_int(value) and value >= 0,
+            f"train.{name}",
+            value,
+            "it must be 0 (never) or a positive number of steps",
+        )
+    _positive_int("train.keep_checkpoints", t.keep_checkpoints)
+    _positive_int("mesh.model", config.mesh.model)
+
+
+def _validate_sample(s):
+    from patchdiff.sampling import SAMPLERS
+
+    _one_of("sample.sampler", s.sampler, SAMPLERS.names())
+    _positive_int("sample.steps", s.steps)
+    _positive_int("sample.num_images", s.num_images)
+    _positive_int("sample.batch_size", s.batch_size)
+    _check(s.churn >= 0, "sample.churn", s.churn, "it must be 0 or positive")
+    _check(s.eta >= 0, "sample.eta", s.eta, "it must be 0 or positive")

@@ -1,26 +1,30 @@
 """Entry point: python -m patchdiff.main --config ml_collections_configs/NAME.py[:options]
---workdir DIR [--mode train|sample|summary].
+--workdir DIR [--mode train|sample|eval|summary].
 
 Modes: `train` (train, or resume what is in --workdir), `sample` (images from the newest
-checkpoint with config.sample.*), `summary` (parameters and FLOPs per image at stem patch sizes
-1, 2, 4). Field overrides: --config.train.batch_size=64. Everything else lives in the library.
+checkpoint with config.sample.*), `eval` (denoising error on held-out images), `summary`
+(parameters and FLOPs per image at stem patch sizes 1, 2, 4). Field overrides:
+--config.train.batch_size=64. Everything else lives in the library.
 """
 
 import logging
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from patchdiff import config as config_lib
 from patchdiff import summary, train
+from patchdiff.train.evaluate import evaluate
 
 MODES = {
     "train": train.train_and_evaluate,
     "sample": train.sample,
+    "eval": evaluate,
     "summary": lambda config, workdir: summary.summarize(config),
 }
-NEEDS_WORKDIR = ("train", "sample")
+NEEDS_WORKDIR = ("train", "sample", "eval")
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -40,6 +44,8 @@ def main(argv):
         config = config_lib.validate(FLAGS.config)
     except config_lib.ConfigError as e:
         raise SystemExit(f"patchdiff: {e}") from None  # one sentence, no usage dump
+    if config.distributed:  # every host runs this same command; jax finds its peers
+        jax.distributed.initialize()
     if FLAGS.mode in NEEDS_WORKDIR and not FLAGS.workdir:
         raise SystemExit(f"patchdiff: --mode {FLAGS.mode} needs --workdir DIR.")
     try:

@@ -93,6 +93,22 @@ BAD = [
     ("model.name", "dit", "config.model.name = 'dit' is not allowed: it must be one of unet"),
     ("diffusion.vp_schedule", "sigmoid", "it must be one of cosine, linear"),
     ("diffusion.p_std", -1.0, "config.diffusion.p_std = -1.0 is not allowed: it must be positive"),
+    (
+        "sample.sampler",
+        "dpm3",
+        "config.sample.sampler = 'dpm3' is not allowed: it must be one of ddim, ddpm",
+    ),
+    ("sample.steps", 0, "config.sample.steps = 0 is not allowed: it must be a positive integer"),
+    ("train.lr_schedule", "step", "it must be one of constant, edm_rampup, warmup_cosine"),
+    ("train.grad_accum", 3, "it must divide config.train.batch_size = 512"),
+    ("train.batch_size", 0, "config.train.batch_size = 0 is not allowed"),
+    ("train.ema_decay", 1.0, "config.train.ema_decay = 1.0 is not allowed: it must lie in [0, 1)"),
+    (
+        "data.source",
+        "hub",
+        "config.data.source = 'hub' is not allowed: it must be one of fashion_mnist, folder, idx, npz, tfds",
+    ),
+    ("data.fit", "stretch", "it must be one of crop_resize, pad"),
 ]
 
 
@@ -146,7 +162,7 @@ def run_main(*args):
 
 
 def test_main_prints_model_cost():
-    result = run_main("--config", "ml_collections_configs/base.py:runlocal")
+    result = run_main("--config", "ml_collections_configs/base.py:runlocal", "--mode", "summary")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if "gflops_per_image" in line)
@@ -158,9 +174,38 @@ def test_main_prints_model_cost():
 
 def test_main_reports_a_bad_field_in_one_line():
     result = run_main(
-        "--config", "ml_collections_configs/base.py:runlocal", "--config.model.patch_size=3"
+        "--config",
+        "ml_collections_configs/base.py:runlocal",
+        "--config.model.patch_size=3",
+        "--mode",
+        "summary",
     )
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "patchdiff: config.model.patch_size = 3 is not allowed: it must be one of 1, 2, 4, 8."
     ]
+
+
+CONFIGS = [
+    "base",
+    "fashion_mnist",
+    "cifar10_ddpmpp",
+    "cifar10_ddpmpp_patch",
+    "celeba64_patch",
+    "ffhq64_patch",
+    "imagenet64_adm",
+    "lsun256_p4",
+]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_every_experiment_config_is_valid(name, arg):
+    import importlib
+
+    module = importlib.import_module(f"ml_collections_configs.{name}")
+    config = module.get_config(arg)
+    config_lib.validate(config)
+    assert f"ml_collections_configs/{name}.py" in module.__doc__ or name == "base"
+    if arg == "runlocal":
+        assert config.train.total_steps <= 20 and config.model.channels <= 32

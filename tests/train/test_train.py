@@ -13,6 +13,7 @@ import pytest
 from ml_collections_configs import base
 from patchdiff import train
 from patchdiff.train.checkpoint import CheckpointError
+from patchdiff.train.evaluate import evaluate
 from patchdiff.train.loop import restore_latest
 
 ROOT = pathlib.Path(__file__).parents[2]
@@ -83,6 +84,13 @@ def test_a_few_steps_of_patch_training(tmp_path):
     with np.load(folder / "images.npz") as saved:
         assert saved["images"].shape == (5, 16, 16, 3) and saved["images"].dtype == np.uint8
         assert list(saved["labels"]) == [0, 1, 2, 0, 1]
+    # Eval mode: denoising error at fixed levels, reproducible.
+    config.eval.num_examples, config.eval.num_sigmas = 12, 3
+    first = evaluate(config, tmp_path / "run")
+    assert first == evaluate(config, tmp_path / "run")
+    errors = list(first["mse_at_sigma"].values())
+    assert len(errors) == 3 and errors[0] < errors[-1]  # more noise, larger error
+    assert (tmp_path / "run" / "eval" / "step_6.json").exists()
     # Run again: already at total_steps, it resumes and stops at once.
     assert train.train_and_evaluate(config, tmp_path / "run")["step"] == 6
 

@@ -1,0 +1,216 @@
+"""Training throughput of the CIFAR-10 DDPM++ U-Net: full-size vs Patch Diffusion's mixture,
+float32 vs bfloat16 compute, on the present device(s).
+
+    python -m benchmarks.train_throughput                       # all devices of this process
+    python -m benchmarks.train_throughput --devices 1,8         # CPU: 1 vs 8 fake devices
+    python -m benchmarks.train_throughput --batch 256 --steps 20   # on a GPU
+
+Each row runs the real jitted train step (loss, gradients, Adam, EMA, sharded over a data mesh)
+on a synthetic batch already on the devices, so it measures the step and not the input
+pipeline. Patch mode follows the training plan (32 / 16 / 8 pixel crops with probabilities 0.5 /
+0.3 / 0.2, the batch x1 / x2 / x4), one compiled program per crop size. MFU is the train step's
+FLOPs (XLA cost analysis of the compiled step) per second over the device's peak: the published
+dense peak for known GPUs/TPUs, `--peak-tflops`, or on a CPU the rate of a large float32 matmul
+measured here (so CPU MFU reads as 'share of this CPU's matmul speed'). `--devices` runs one
+subprocess per device count (fake CPU devices via XLA_FLAGS). Prints a table and writes
+benchmarks/results/train_throughput.json (or --out).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, write_json
+from benchmarks.model_cost import load_config
+from patchdiff import config as config_lib
+from patchdiff import data as data_lib
+from patchdiff.models import build_model
+from patchdiff.tables import format_table
+from patchdiff.train.loop import make_mesh
+from patchdiff.train.optim import build_optimizer
+from patchdiff.train.state import create_state, state_shardings
+from patchdiff.train.step import make_train_step
+
+# Dense peak TFLOP/s per chip: (float32 matrix, bfloat16 matrix), from the vendors' data sheets.
+PEAKS = {
+    "H100": (494.7, 989.4),
+    "H200": (494.7, 989.4),
+    "A100": (156.0, 312.0),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5": (197.0, 197.0),
+}
+
+
+def cpu_peak_tflops() -> float:
+    """The float32 matmul rate this CPU reaches (2048^3, median of 5), in TFLOP/s."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / float(np.median(times)) / 1e12
+
+
+def device_peak(dtype: str, override: float | None):
+    if override:
+        return override, "given"
+    kind = jax.devices()[0].device_kind
+    for name, (fp32, bf16) in PEAKS.items():
+        if name in kind:
+            return (bf16 if dtype == "bfloat16" else fp32) * jax.device_count(), "data sheet"
+    return cpu_peak_tflops() * (1 if jax.default_backend() == "cpu" else jax.device_count()), (
+        "measured matmul"
+    )
+
+
+def measure(config, mode: str, steps: int) -> dict:
+    """Runs `steps` train steps of `mode` ("full" or "patch"); returns rates and FLOPs."""
+    if mode == "full":
+        config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
+    config_lib.validate(config)
+    mesh, rules = make_mesh(config)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    model = build_model(config)
+    optimizer = build_optimizer(config.train)
+    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
+    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
+    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
+    step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
+    res, ch = config.data.resolution, config.data.channels
+
+    batches, flops, compile_s = {}, {}, 0.0
+    plan = [data_lib.step_plan(config, s) for s in range(steps)]
+    for patch, size in sorted(set(plan)):
+        batch = {"image": jnp.zeros((size, res, res, ch)), "label": jnp.zeros((size,), jnp.int32)}
+        batches[patch] = jax.device_put(batch, batch_sharding)
+        start = time.perf_counter()
+        compiled = step_fn.lower(state, batches[patch], patch).compile()
+        compile_s += time.perf_counter() - start
+        flops[patch] = xla_flops_of(compiled)
+        state, _ = step_fn(state, batches[patch], patch)  # warm-up
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for patch, _ in plan:
+        state, metrics = step_fn(state, batches[patch], patch)
+    jax.block_until_ready((state, metrics))
+    seconds = time.perf_counter() - start
+    examples = sum(size for _, size in plan)
+    total_flops = sum(flops[patch] for patch, _ in plan)
+    return {
+        "examples_per_s": examples / seconds,
+        "step_s": seconds / steps,
+        "tflops_per_s": total_flops / seconds / 1e12,
+        "compile_s": compile_s,
+        "mean_examples_per_step": examples / steps,
+    }
+
+
+def xla_flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def run_here(args) -> list[dict]:
+    rows = []
+    for dtype in args.dtypes.split(","):
+        peak, peak_source = device_peak(dtype, args.peak_tflops)
+        for mode in args.modes.split(","):
+            config = load_config(args.config)
+            config.model.dtype = dtype
+            config.train.batch_size = args.batch
+            result = measure(config, mode, args.steps)
+            rows.append(
+                {
+                    "devices": jax.device_count(),
+                    "mode": mode,
+                    "dtype": dtype,
+                    **result,
+                    "mfu": result["tflops_per_s"] / peak,
+                    "peak_tflops": peak,
+                    "peak_source": peak_source,
+                }
+            )
+            print(
+                f"{mode} {dtype} on {jax.device_count()} device(s) done",
+                file=sys.stderr,
+                flush=True,
+            )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="ml_collections_configs/cifar10_ddpmpp_patch.py")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--modes", default="full,patch")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--devices", default="", help="e.g. 1,8: one subprocess per count (CPU)")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.devices:
+        rows = []
+        for count in args.devices.split(","):
+            env = dict(
+                os.environ,
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+                JAX_PLATFORMS="cpu",
+            )
+            sub = [a for a in (argv or sys.argv[1:]) if not a.startswith("--devices")]
+            out = subprocess.run(
+                [sys.executable, "-m", "benchmarks.train_throughput", *sub, "--rows-only"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rows += json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        rows = run_here(args)
+    if args.rows_only:
+        print(json.dumps(rows))
+        return
+    env = environment()
+    print(
+        f"{env['device']}, jax {env['jax']}, {args.config}, global batch {args.batch} at full "
+        f"size, {args.steps} timed steps, commit {env['commit']}, {env['date']}"
+    )
+    print(
+        format_table(
+            rows,
+            [
+                "devices",
+                "mode",
+                "dtype",
+                "examples_per_s",
+                "step_s",
+                "tflops_per_s",
+                "mfu",
+                "peak_source",
+                "compile_s",
+            ],
+        )
+    )
+    path = write_json(
+        "train_throughput", {"environment": env, "args": vars(args), "rows": rows}, args.out
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
