@@ -1,6 +1,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,35 +65,55 @@ def tiny_config(data_path, patches=False, **train_fields):
     return config
 
 
-def test_a_few_steps_of_patch_training(tmp_path):
-    config = tiny_config(make_data(tmp_path / "d.npz"), patches=True)
-    result = train.train_and_evaluate(config, tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short patch-training run (6 steps, checkpoints at 3 and 6) shared by the tests that
+    only read it: compiling the train step dominates their cost."""
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_config(make_data(root / "d.npz"), patches=True)
+    result = train.train_and_evaluate(config, root / "run")
+    return config, root / "run", result
+
+
+def test_a_few_steps_of_patch_training(trained):
+    config, run, result = trained
     assert result["step"] == 6
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert [line["step"] for line in lines] == [3, 6]
     assert all(np.isfinite(line["loss"]) and line["img_per_s"] > 0 for line in lines)
     assert any(key.startswith("loss_patch") for key in lines[0])
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["3", "6"]
-    assert (tmp_path / "run" / "samples" / "step_0000006.png").exists()
-    assert list((tmp_path / "run" / "tensorboard").iterdir())
-    # Sample mode: any sampler, guidance and seed, from the newest checkpoint.
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]
+    assert (run / "samples" / "step_0000006.png").exists()
+    assert list((run / "tensorboard").iterdir())
+
+
+def test_sample_mode_writes_images_with_any_sampler(trained):
+    config, run, _ = trained
+    config = config.copy_and_resolve_references()
     config.sample.sampler = "dpmpp_2m_sde"
     config.sample.guidance_scale = 2.0
     config.sample.num_images = 5
-    folder = train.sample(config, tmp_path / "run")
+    folder = train.sample(config, run)
     assert len(list(folder.glob("0*.png"))) == 5
     with np.load(folder / "images.npz") as saved:
         assert saved["images"].shape == (5, 16, 16, 3) and saved["images"].dtype == np.uint8
         assert list(saved["labels"]) == [0, 1, 2, 0, 1]
-    # Eval mode: denoising error at fixed levels, reproducible.
+
+
+def test_eval_mode_is_reproducible(trained):
+    config, run, _ = trained
+    config = config.copy_and_resolve_references()
     config.eval.num_examples, config.eval.num_sigmas = 12, 3
-    first = evaluate(config, tmp_path / "run")
-    assert first == evaluate(config, tmp_path / "run")
+    first = evaluate(config, run)
+    assert first == evaluate(config, run)
     errors = list(first["mse_at_sigma"].values())
     assert len(errors) == 3 and errors[0] < errors[-1]  # more noise, larger error
-    assert (tmp_path / "run" / "eval" / "step_6.json").exists()
-    # Run again: already at total_steps, it resumes and stops at once.
-    assert train.train_and_evaluate(config, tmp_path / "run")["step"] == 6
+    assert (run / "eval" / "step_6.json").exists()
+
+
+def test_a_finished_run_resumes_and_stops_at_once(trained):
+    config, run, _ = trained
+    assert train.train_and_evaluate(config, run)["step"] == 6
 
 
 def run_cli(workdir, data, steps, wait_for_checkpoint=None):
@@ -108,8 +129,10 @@ def run_cli(workdir, data, steps, wait_for_checkpoint=None):
         f"--config.data.path={data}",
         f"--config.train.total_steps={steps}",
     ]
+    # One CPU device in both runs ("same device count"): compiling for 8 fake devices is slower.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     process = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     if wait_for_checkpoint is None:
         out, _ = process.communicate(timeout=300)
@@ -141,23 +164,21 @@ def test_a_run_killed_with_sigkill_resumes_bitwise_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_checkpoint_of_another_shape_is_refused_by_name(tmp_path):
-    data = make_data(tmp_path / "d.npz")
-    train.train_and_evaluate(tiny_config(data, total_steps=3, sample_every=0), tmp_path / "run")
-    other = tiny_config(data)
+def test_a_checkpoint_of_another_shape_is_refused_by_name(trained):
+    config, run, _ = trained
+    other = config.copy_and_resolve_references()
     other.model.channels = 16
     with pytest.raises(
         CheckpointError,
         match=r"written with config.model.channels = 8, but this "
         r"config has 16",
     ):
-        train.train_and_evaluate(other, tmp_path / "run")
+        train.train_and_evaluate(other, run)
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-    data = make_data(tmp_path / "d.npz")
-    config = tiny_config(data, total_steps=6, sample_every=0)
-    train.train_and_evaluate(config, tmp_path / "run")
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog):
+    config, run, _ = trained
+    shutil.copytree(run, tmp_path / "run")
     for path in (tmp_path / "run" / "checkpoints" / "6" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(b"\0" * 8)
