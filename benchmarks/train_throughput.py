@@ -171,14 +171,29 @@ def main(argv=None):
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
                 JAX_PLATFORMS="cpu",
             )
-            sub = [a for a in (argv or sys.argv[1:]) if not a.startswith("--devices")]
+            sub = [
+                "--config",
+                args.config,
+                "--batch",
+                str(args.batch),
+                "--steps",
+                str(args.steps),
+                "--modes",
+                args.modes,
+                "--dtypes",
+                args.dtypes,
+                "--rows-only",
+            ]
+            if args.peak_tflops:
+                sub += ["--peak-tflops", str(args.peak_tflops)]
             out = subprocess.run(
-                [sys.executable, "-m", "benchmarks.train_throughput", *sub, "--rows-only"],
+                [sys.executable, "-m", "benchmarks.train_throughput", *sub],
                 env=env,
                 capture_output=True,
                 text=True,
-                check=True,
             )
+            if out.returncode:
+                sys.exit(f"the run on {count} device(s) failed:\n{out.stderr[-3000:]}")
             rows += json.loads(out.stdout.strip().splitlines()[-1])
     else:
         rows = run_here(args)

@@ -224,3 +224,35 @@ def test_main_needs_a_workdir_and_names_a_missing_checkpoint(tmp_path):
         timeout=120,
     )
     assert result.returncode != 0 and "no checkpoint in" in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = make_data(tmp_path / "d.npz")
+    args = [
+        sys.executable,
+        "-m",
+        "patchdiff.main",
+        "--config",
+        str(ROOT / "tests" / "train" / "tiny_config.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.data.path={data}",
+        "--config.train.total_steps=100000",
+        "--config.train.checkpoint_every=0",
+        "--config.train.grad_accum=2",
+    ]
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
+    )
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    for line in process.stdout:  # wait until training runs (micro-batched steps)
+        if line.startswith("step 3:"):
+            break
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out
+    assert "stopping at step" in out
+    steps = [int(s) for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 100000
