@@ -97,8 +97,8 @@ class Loader:
             }
         return int(self._perms[epoch][offset])
 
-    def example(self, position: int):
-        index = self.index_at(position)
+    def example(self, position: int, index: int):
+        """The preprocessed example at a stream position (`index` = index_at(position))."""
         for attempt in range(len(self.source)):
             try:
                 image, label = self.source[(index + attempt) % len(self.source)]
@@ -122,7 +122,10 @@ class Loader:
             )
         local = global_size // count
         start = position + index * local
-        examples = list(self._pool.map(self.example, range(start, start + local)))
+        positions = range(start, start + local)
+        # Indices first, on this thread: the permutation cache is not shared with the decoders.
+        indices = [self.index_at(p) for p in positions]
+        examples = list(self._pool.map(self.example, positions, indices))
         images = np.stack([e[0] for e in examples]).astype(np.float32) / 127.5 - 1
         labels = np.array([e[1] for e in examples], np.int32)
         return {"image": images, "label": labels}

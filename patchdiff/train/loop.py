@@ -143,7 +143,9 @@ def train_and_evaluate(config, workdir) -> dict:
                         f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()),
                         flush=True,
                     )
-            checkpointer.save(step, state, meta(step))
+            if checkpointer.save(step, state, meta(step)):
+                for old in [s for s in list(positions) if s < step]:  # atomic copy
+                    positions.pop(old, None)
             if generator is not None and step % tcfg.sample_every == 0 and primary:
                 _sample_grid(generator, state, config, workdir, step)
         if stop["signal"] is not None:
