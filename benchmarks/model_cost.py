@@ -80,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--patch-sizes", default="1,2,4")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    env = environment()  # at the start: the commit that runs, not the one at the end
 
     config = load_config(args.config)
     config.model.dtype = args.dtype
@@ -95,7 +96,6 @@ def main(argv=None):
         row["flops_vs_P1"] = row["gflops_per_image"] / reference["gflops_per_image"]
         row["speedup_vs_P1"] = reference["fwd_bwd_ms_per_image"] / row["fwd_bwd_ms_per_image"]
 
-    env = environment()
     print(
         f"{env['device']} ({env['device_count']} devices), jax {env['jax']}, batch "
         f"{args.batch}, {args.dtype}, commit {env['commit']}, {env['date']}"

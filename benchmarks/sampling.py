@@ -76,6 +76,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    env = environment()  # at the start: the commit that runs, not the one at the end
 
     config = load_config(args.config)
     config.model.dtype = args.dtype
@@ -131,7 +132,6 @@ def main(argv=None):
         rows[i]["speedup"] = rows[i]["images_per_s"] / rows[i + 1]["images_per_s"]
         rows[i + 1]["speedup"] = 1.0
 
-    env = environment()
     print(
         f"{env['device']}, jax {env['jax']}, batch {args.batch}, {args.dtype}, "
         f"{args.config}, commit {env['commit']}, {env['date']}"

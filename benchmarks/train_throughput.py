@@ -162,6 +162,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    env = environment()  # at the start: the commit that runs, not the one at the end
 
     if args.devices:
         rows = []
@@ -200,7 +201,6 @@ def main(argv=None):
     if args.rows_only:
         print(json.dumps(rows))
         return
-    env = environment()
     print(
         f"{env['device']}, jax {env['jax']}, {args.config}, global batch {args.batch} at full "
         f"size, {args.steps} timed steps, commit {env['commit']}, {env['date']}"
