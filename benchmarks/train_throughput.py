@@ -96,7 +96,8 @@ def measure(config, mode: str, steps: int) -> dict:
         start = time.perf_counter()
         compiled = step_fn.lower(state, batches[patch], patch).compile()
         compile_s += time.perf_counter() - start
-        flops[patch] = xla_flops_of(compiled)
+        # XLA's cost analysis of an SPMD program counts one device's share: scale to the mesh.
+        flops[patch] = xla_flops_of(compiled) * mesh.devices.size
         state, _ = step_fn(state, batches[patch], patch)  # warm-up
     jax.block_until_ready(state)
     start = time.perf_counter()
