@@ -168,7 +168,7 @@ def main(argv=None):
     if args.devices:
         rows = []
         for count in args.devices.split(","):
-            env = dict(
+            sub_env = dict(
                 os.environ,
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
                 JAX_PLATFORMS="cpu",
@@ -190,7 +190,7 @@ def main(argv=None):
                 sub += ["--peak-tflops", str(args.peak_tflops)]
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.train_throughput", *sub],
-                env=env,
+                env=sub_env,
                 capture_output=True,
                 text=True,
             )
