@@ -143,6 +143,8 @@ def train_and_evaluate(config, workdir) -> dict:
                         f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()),
                         flush=True,
                     )
+            if step % max(tcfg.checkpoint_every, 1) == 0 and int(state.bad_step) >= 0:
+                _report(window, int(state.bad_step), step)  # raises: never save past a bad step
             if checkpointer.save(step, state, meta(step)):
                 for old in [s for s in list(positions) if s < step]:  # atomic copy
                     positions.pop(old, None)
@@ -155,9 +157,6 @@ def train_and_evaluate(config, workdir) -> dict:
             )
         if int(state.bad_step) < 0:
             checkpointer.save(step, state, meta(step), force=True)
-    except TrainingStopped as e:
-        print(f"patchdiff: {e}", file=sys.stderr)
-        raise
     finally:
         prefetch.close()
         checkpointer.close()
