@@ -35,6 +35,22 @@ def _log_midpoint(a, b):
     return jnp.sqrt(a * b)
 
 
+def _churned_sampler(name, denoiser, x, sigmas, key, noise, callback, churn, advance):
+    """Shared by euler, heun and dpm_2: churn (EDM Alg. 2, lines 4-6), D at sigma_hat, then
+    `advance(x, d, sigma_hat, sigma_next)` makes the method's step."""
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    num_steps = sigmas.shape[0] - 1
+
+    def step(x, state, i, sigma, sigma_next, z):
+        sigma_hat = _churn(sigma, num_steps, s_churn, s_tmin, s_tmax)
+        x = _churned(x, z, sigma, sigma_hat, s_noise)
+        denoised = call(denoiser, x, sigma_hat)
+        return advance(x, to_d(x, sigma_hat, denoised), sigma_hat, sigma_next), state, denoised
+
+    draws = 0 if is_zero(s_churn) else 1
+    return run_steps(name, step, x, sigmas, key=key, noise=noise, draws=draws, callback=callback)
+
+
 @register("euler")
 def sample_euler(
     denoiser,
@@ -50,16 +66,12 @@ def sample_euler(
     s_noise=1.0,
 ):
     """Euler's method (EDM Algorithm 2 without the correction), with optional churn."""
-    num_steps = sigmas.shape[0] - 1
 
-    def step(x, state, i, sigma, sigma_next, z):
-        sigma_hat = _churn(sigma, num_steps, s_churn, s_tmin, s_tmax)
-        x = _churned(x, z, sigma, sigma_hat, s_noise)
-        denoised = call(denoiser, x, sigma_hat)
-        return x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat), state, denoised
+    def euler(x, d, sigma_hat, sigma_next):
+        return x + d * (sigma_next - sigma_hat)
 
-    draws = 0 if is_zero(s_churn) else 1
-    return run_steps("euler", step, x, sigmas, key=key, noise=noise, draws=draws, callback=callback)
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churned_sampler("euler", denoiser, x, sigmas, key, noise, callback, churn, euler)
 
 
 @register("heun")
@@ -77,24 +89,19 @@ def sample_heun(
     s_noise=1.0,
 ):
     """Heun's second-order method with churn: EDM Algorithm 2."""
-    num_steps = sigmas.shape[0] - 1
 
-    def step(x, state, i, sigma, sigma_next, z):
-        sigma_hat = _churn(sigma, num_steps, s_churn, s_tmin, s_tmax)
-        x = _churned(x, z, sigma, sigma_hat, s_noise)
-        denoised = call(denoiser, x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
+    def heun(x, d, sigma_hat, sigma_next):
         dt = sigma_next - sigma_hat
 
-        def heun():
+        def correct():
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigma_next, call(denoiser, x_2, sigma_next))
             return x + (d + d_2) / 2 * dt
 
-        return lax.cond(sigma_next == 0, lambda: x + d * dt, heun), state, denoised
+        return lax.cond(sigma_next == 0, lambda: x + d * dt, correct)
 
-    draws = 0 if is_zero(s_churn) else 1
-    return run_steps("heun", step, x, sigmas, key=key, noise=noise, draws=draws, callback=callback)
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churned_sampler("heun", denoiser, x, sigmas, key, noise, callback, churn, heun)
 
 
 @register("dpm_2")
@@ -112,25 +119,18 @@ def sample_dpm_2(
     s_noise=1.0,
 ):
     """DPM-Solver-2 steps in sigma (midpoint in log sigma), with EDM's churn."""
-    num_steps = sigmas.shape[0] - 1
 
-    def step(x, state, i, sigma, sigma_next, z):
-        sigma_hat = _churn(sigma, num_steps, s_churn, s_tmin, s_tmax)
-        x = _churned(x, z, sigma, sigma_hat, s_noise)
-        denoised = call(denoiser, x, sigma_hat)
-        d = to_d(x, sigma_hat, denoised)
-
-        def dpm_2():
+    def dpm_2(x, d, sigma_hat, sigma_next):
+        def midpoint():
             sigma_mid = _log_midpoint(sigma_hat, sigma_next)
             x_2 = x + d * (sigma_mid - sigma_hat)
             d_2 = to_d(x_2, sigma_mid, call(denoiser, x_2, sigma_mid))
             return x + d_2 * (sigma_next - sigma_hat)
 
-        euler = lambda: x + d * (sigma_next - sigma_hat)  # noqa: E731
-        return lax.cond(sigma_next == 0, euler, dpm_2), state, denoised
+        return lax.cond(sigma_next == 0, lambda: x + d * (sigma_next - sigma_hat), midpoint)
 
-    draws = 0 if is_zero(s_churn) else 1
-    return run_steps("dpm_2", step, x, sigmas, key=key, noise=noise, draws=draws, callback=callback)
+    churn = (s_churn, s_tmin, s_tmax, s_noise)
+    return _churned_sampler("dpm_2", denoiser, x, sigmas, key, noise, callback, churn, dpm_2)
 
 
 @register("euler_ancestral")
