@@ -39,13 +39,7 @@ def load_config(spec: str):
 def measure(config, batch: int, iters: int) -> dict:
     model = build_model(config)
     params = init_params(model, jax.random.key(0), config)
-    d = config.diffusion
-    precond = diffusion_build.build_precond(d)
-    loss_kwargs = dict(
-        precond=precond,
-        sample_sigma=diffusion_build.build_noise_distribution(d, precond),
-        weighting=diffusion_build.build_weighting(d, precond),
-    )
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
     x, _, kwargs = dummy_inputs(config, batch)
     x = jax.random.uniform(jax.random.key(1), x.shape, minval=-1, maxval=1)
 

@@ -5,6 +5,7 @@
 .npz from the newest checkpoint.
 """
 
+import inspect
 import pathlib
 
 import jax
@@ -15,21 +16,6 @@ from patchdiff import sampling
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.precond import denoise
 from patchdiff.train.report import save_grid, to_uint8
-
-STOCHASTIC_OPTIONS = {
-    "euler": "churn",
-    "heun": "churn",
-    "dpm_2": "churn",
-    "euler_ancestral": "eta",
-    "dpm_2_ancestral": "eta",
-    "dpmpp_2s_ancestral": "eta",
-    "dpmpp_sde": "eta",
-    "dpmpp_2m_sde": "eta",
-    "dpmpp_3m_sde": "eta",
-    "ddim": "eta",
-    "dpm_fast": "eta",
-    "dpm_adaptive": "eta",
-}
 
 
 def sigma_grid(config):
@@ -47,13 +33,13 @@ def make_generator(model, config):
     """(params, key, labels [N] or None) -> images [N, R, R, C] in [-1, 1], jitted."""
     s, m, data = config.sample, config.model, config.data
     sigmas, precond = sigma_grid(config)
+    # The sampler's own signature says which of the config's noise options it takes.
+    accepted = inspect.signature(sampling.SAMPLERS.get(s.sampler)).parameters
     options = {}
-    kind = STOCHASTIC_OPTIONS.get(s.sampler)
-    if kind == "churn" and s.churn:
+    if "s_churn" in accepted and s.churn:
         options["s_churn"] = s.churn
-    elif kind == "eta":
+    if "eta" in accepted:
         options["eta"] = s.eta
-    stochastic = s.sampler in ("ddpm",) or (kind == "churn" and s.churn) or kind == "eta"
 
     def generate(params, key, labels):
         def net(x_in, c_noise, **kw):
@@ -68,8 +54,8 @@ def make_generator(model, config):
         init_key, noise_key = jax.random.split(key)
         shape = (labels.shape[0], data.resolution, data.resolution, data.channels)
         x = sigmas[0] * jax.random.normal(init_key, shape)
-        extra = {"key": noise_key} if stochastic else {}
-        out = sampling.sample(s.sampler, denoiser, x, sigmas, **extra, **options)
+        # every sampler takes a key; the deterministic ones ignore it
+        out = sampling.sample(s.sampler, denoiser, x, sigmas, key=noise_key, **options)
         return jnp.clip(out, -1, 1)
 
     return jax.jit(generate)

@@ -73,6 +73,17 @@ def build_weighting(dcfg, precond):
     return functools.partial(fn, **kwargs)
 
 
+def build_loss_kwargs(dcfg) -> dict:
+    """The keyword arguments of `losses.denoising_loss` that `config.diffusion` decides:
+    {"precond", "sample_sigma", "weighting"}."""
+    precond = build_precond(dcfg)
+    return {
+        "precond": precond,
+        "sample_sigma": build_noise_distribution(dcfg, precond),
+        "weighting": build_weighting(dcfg, precond),
+    }
+
+
 def build_patch_schedule(config) -> PatchSchedule:
     """Patch sizes R * s for `config.diffusion.patch_scales` with `patch_probs`."""
     dcfg = config.diffusion

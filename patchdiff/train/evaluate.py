@@ -23,9 +23,7 @@ from patchdiff.train.loop import restore_latest
 def evaluate(config, workdir) -> dict:
     model, state, meta = restore_latest(config, workdir)
     d, e, m = config.diffusion, config.eval, config.model
-    precond = diffusion_build.build_precond(d)
-    sample_sigma = diffusion_build.build_noise_distribution(d, precond)
-    weighting = diffusion_build.build_weighting(d, precond)
+    loss_kwargs = diffusion_build.build_loss_kwargs(d)
     sigmas = np.exp(np.linspace(np.log(d.sigma_min), np.log(d.sigma_max), e.num_sigmas))
     loader = data_lib.build_loader(config, 0, split=e.split)
     loader.random_flip = False
@@ -44,7 +42,7 @@ def evaluate(config, workdir) -> dict:
                     net,
                     key,
                     images,
-                    precond=precond,
+                    precond=loss_kwargs["precond"],
                     sample_sigma=fixed,
                     weighting=lambda s: jnp.ones_like(s),
                     **kwargs,
@@ -52,45 +50,28 @@ def evaluate(config, workdir) -> dict:
             )
 
         per_sigma = jax.vmap(at)(jnp.asarray(sigmas, jnp.float32))
-        objective = jnp.mean(
-            denoising_loss(
-                net,
-                key,
-                images,
-                precond=precond,
-                sample_sigma=sample_sigma,
-                weighting=weighting,
-                **kwargs,
-            )
-        )
+        objective = jnp.mean(denoising_loss(net, key, images, **loss_kwargs, **kwargs))
         return per_sigma, objective
 
-    batch, totals, objective, count = config.sample.batch_size, 0.0, 0.0, 0
-    while count < e.num_examples:
+    batch, per_sigma, objective = config.sample.batch_size, [], []
+    for start in range(0, e.num_examples, batch):  # whole batches: one compiled shape
         b = loader.next(batch)
-        key = jax.random.fold_in(jax.random.key(config.seed), count)
-        per_sigma, obj = losses(state.ema, b["image"], b["label"], key)
-        totals, objective, count = (
-            totals + np.asarray(per_sigma),
-            objective + float(obj),
-            count + 1 * batch,
-        )
-    batches = count // batch
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        errors, obj = losses(state.ema, b["image"], b["label"], key)
+        per_sigma.append(np.asarray(errors))
+        objective.append(float(obj))
+    count = len(objective) * batch
+    mean_errors = np.mean(per_sigma, axis=0)
     result = {
         "step": meta["step"],
         "split": e.split,
         "examples": count,
-        "objective": objective / batches,
-        "mse_at_sigma": {
-            f"{s:.4g}": float(v) for s, v in zip(sigmas, totals / batches, strict=True)
-        },
+        "objective": float(np.mean(objective)),
+        "mse_at_sigma": {f"{s:.4g}": float(v) for s, v in zip(sigmas, mean_errors, strict=True)},
     }
     print(
         format_table(
-            [
-                {"sigma": float(s), "mse": float(v)}
-                for s, v in zip(sigmas, totals / batches, strict=True)
-            ]
+            [{"sigma": float(s), "mse": float(v)} for s, v in zip(sigmas, mean_errors, strict=True)]
         )
     )
     print(

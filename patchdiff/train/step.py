@@ -21,9 +21,7 @@ from patchdiff.train.optim import ema_beta, learning_rate
 def make_loss_fn(model, config):
     """loss(params, batch, key, patch_size) -> scalar: crops, label dropout, the denoising loss."""
     d, m = config.diffusion, config.model
-    precond = diffusion_build.build_precond(d)
-    sample_sigma = diffusion_build.build_noise_distribution(d, precond)
-    weighting = diffusion_build.build_weighting(d, precond)
+    loss_kwargs = diffusion_build.build_loss_kwargs(d)
     label_dropout = config.train.label_dropout
 
     def loss_fn(params, batch, key, patch_size):
@@ -39,15 +37,7 @@ def make_loss_fn(model, config):
                 {"params": params}, x_in, c_noise, train=True, rngs={"dropout": k_drop}, **kw
             )
 
-        per_example = denoising_loss(
-            net,
-            k_loss,
-            images,
-            precond=precond,
-            sample_sigma=sample_sigma,
-            weighting=weighting,
-            **kwargs,
-        )
+        per_example = denoising_loss(net, k_loss, images, **loss_kwargs, **kwargs)
         return jnp.mean(per_example)
 
     return loss_fn

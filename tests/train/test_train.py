@@ -116,8 +116,8 @@ def test_a_finished_run_resumes_and_stops_at_once(trained):
     assert train.train_and_evaluate(config, run)["step"] == 6
 
 
-def run_cli(workdir, data, steps, wait_for_checkpoint=None):
-    """Trains in a subprocess; with `wait_for_checkpoint`, kill -9 it once that step is saved."""
+def start_cli(workdir, data, *overrides):
+    """The tiny config's training in a subprocess, on one CPU device, output piped."""
     args = [
         sys.executable,
         "-m",
@@ -127,13 +127,20 @@ def run_cli(workdir, data, steps, wait_for_checkpoint=None):
         "--workdir",
         str(workdir),
         f"--config.data.path={data}",
-        f"--config.train.total_steps={steps}",
+        *overrides,
     ]
     # One CPU device in both runs ("same device count"): compiling for 8 fake devices is slower.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    process = subprocess.Popen(
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
+    )
+    return subprocess.Popen(
         args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
+
+
+def run_cli(workdir, data, steps, wait_for_checkpoint=None):
+    """Trains in a subprocess; with `wait_for_checkpoint`, kill -9 it once that step is saved."""
+    process = start_cli(workdir, data, f"--config.train.total_steps={steps}")
     if wait_for_checkpoint is None:
         out, _ = process.communicate(timeout=300)
         assert process.returncode == 0, out
@@ -228,24 +235,12 @@ def test_main_needs_a_workdir_and_names_a_missing_checkpoint(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     data = make_data(tmp_path / "d.npz")
-    args = [
-        sys.executable,
-        "-m",
-        "patchdiff.main",
-        "--config",
-        str(ROOT / "tests" / "train" / "tiny_config.py"),
-        "--workdir",
-        str(tmp_path / "run"),
-        f"--config.data.path={data}",
+    process = start_cli(
+        tmp_path / "run",
+        data,
         "--config.train.total_steps=100000",
         "--config.train.checkpoint_every=0",
         "--config.train.grad_accum=2",
-    ]
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
-    )
-    process = subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
     for line in process.stdout:  # wait until training runs (micro-batched steps)
         if line.startswith("step 3:"):
