@@ -1,8 +1,9 @@
 """Search on NAS-Bench-201: best validation accuracy found after 10, 20, 50, 100 evaluations by
-each searcher (random search, regularised evolution; the predictor-guided generator joins once it
-registers in `nag.nb201.SEARCHERS`), 10 seeds each, on CIFAR-10, CIFAR-100 and ImageNet16-120.
+each searcher (random search, regularised evolution, ours: `nag`, the guided graph diffusion
+generator of `nag.nb201_generator`; also `predictor`, `nag.guided`), 10 seeds each, on CIFAR-10,
+CIFAR-100 and ImageNet16-120.
 
-    python -m benchmarks.nb201_search                          # 2 searchers x 3 datasets x 10 seeds
+    python -m benchmarks.nb201_search                          # 3 searchers x 3 datasets x 10 seeds
     python -m benchmarks.nb201_search --budget 20 --seeds 2    # a quick look
     python -m benchmarks.nb201_search --seeds 100 --searchers rea --population 10 --sample 3
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from benchmarks.common import environment, write_json
 from canvas_jax import nb201 as nb201_space
-from nag import guided, nb201  # noqa: F401 (guided registers the "predictor" searcher)
+from nag import guided, nb201, nb201_generator  # noqa: F401 (they register "predictor", "nag")
 from patchdiff.tables import format_table
 
 CHECKPOINTS = (10, 20, 50, 100)
@@ -31,13 +32,25 @@ TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet16_120": "Ima
 REFERENCE_RANDOM_50 = {"cifar10": 90.52, "cifar100": 71.11, "imagenet16_120": 45.20}
 
 
-def run_curves(edge_ops, accuracy, searcher, options, seeds, budget) -> np.ndarray:
-    """[seeds, budget] best-so-far curves of one searcher on one dataset's table."""
-    curves = []
+def run_curves(edge_ops, accuracy, name, options, seeds, budget) -> tuple[np.ndarray, dict]:
+    """([seeds, budget] best-so-far curves of one searcher on one dataset's table, the mean
+    valid / unique / novel fractions of its generated samples, unguided and guided, if any)."""
+    curves, generated = [], []
     for seed in range(seeds):
         oracle = nb201.Oracle(edge_ops, accuracy, budget)
-        curves.append(nb201.best_curve(nb201.search(searcher, oracle, seed, **options)))
-    return np.stack(curves)
+        searcher = nb201.seeded_searcher(name, seed, **options)
+        history = nb201.run_search(searcher, oracle, np.random.default_rng(seed))
+        curves.append(nb201.best_curve(history))
+        generated += getattr(searcher, "generated", [])
+    stats = {}
+    for guided_, label in ((False, "unguided"), (True, "guided")):
+        outs = [out for g, out in generated if g == guided_]
+        if outs:
+            stats[label] = {
+                field: float(np.mean([getattr(out, field) for out in outs]))
+                for field in ("valid_fraction", "unique_fraction", "novel_fraction")
+            } | {"samplings": len(outs), "samples_each": int(outs[0].samples)}
+    return np.stack(curves), stats
 
 
 def summary_row(dataset, searcher, curves, checkpoints) -> dict:
@@ -80,7 +93,7 @@ def plot(curves: dict, optima: dict, path: pathlib.Path) -> bool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--searchers", nargs="+", default=["random", "rea"])
+    parser.add_argument("--searchers", nargs="+", default=["random", "rea", "nag"])
     parser.add_argument("--datasets", nargs="+", default=list(nb201_space.DATASETS))
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--budget", type=int, default=100)
@@ -97,16 +110,18 @@ def main(argv=None):
     checkpoints = sorted({n for n in CHECKPOINTS if n < args.budget} | {args.budget})
 
     edge_ops, accuracies = nb201_space.load_nb201(args.data)
-    rows, curves, optima = [], {}, {}
+    rows, curves, optima, generated = [], {}, {}, {}
     for dataset in datasets:
         accuracy = accuracies[dataset]
         optima[dataset] = float(accuracy.max())
         curves[dataset] = {}
         for searcher in args.searchers:
-            runs = run_curves(
+            runs, stats = run_curves(
                 edge_ops, accuracy, searcher, options.get(searcher, {}), args.seeds, args.budget
             )
             curves[dataset][searcher] = runs.tolist()
+            if stats:
+                generated.setdefault(dataset, {})[searcher] = stats
             rows.append(summary_row(dataset, searcher, runs, checkpoints))
         exact = {"dataset": dataset, "searcher": "random (exact)"}
         for n in checkpoints:
@@ -121,6 +136,16 @@ def main(argv=None):
         f"S={args.sample}, commit {env['commit']}, {env['date']}"
     )
     print(format_table(rows, ["dataset", "searcher", *(f"@{n}" for n in checkpoints)]))
+    for dataset, by_searcher in generated.items():
+        for searcher, stats in by_searcher.items():
+            for label, fractions in stats.items():
+                print(
+                    f"{searcher} generator on {dataset}, {label}: "
+                    + ", ".join(
+                        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in fractions.items()
+                    )
+                )
     reference = {d: REFERENCE_RANDOM_50[d] for d in datasets}
     print(f"reference: random @50 {reference}, optima (91.57 / 73.26 / 47.33 in NB201's paper)")
 
@@ -131,6 +156,7 @@ def main(argv=None):
         "rows": rows,
         "optima": optima,
         "reference_random_50": reference,
+        "generated": generated,  # {dataset: {searcher: {unguided|guided: fractions}}}
         "curves": curves,  # {dataset: {searcher: [seed][evaluation - 1] best so far}}
     }
     path = write_json("nb201_search", payload, args.out)

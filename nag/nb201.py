@@ -18,6 +18,7 @@ recorded accuracy for free (NB201's convention: the table stands for a training 
 paid for). So REA may re-create a cell it has met before without spending budget.
 """
 
+import inspect
 import math
 from collections import deque
 from typing import NamedTuple, Protocol
@@ -276,5 +277,13 @@ def run_search(
 
 
 def search(name: str, oracle: Oracle, seed: int, **options) -> list[Evaluation]:
-    """Runs the searcher called `name` (with `options`) on `oracle` from numpy seed `seed`."""
-    return run_search(make_searcher(name, **options), oracle, np.random.default_rng(seed))
+    """Runs the searcher called `name` (with `options`) on `oracle` from numpy seed `seed`; a
+    searcher whose constructor takes a `seed` (its own keys: predictor, generator) gets it too."""
+    return run_search(seeded_searcher(name, seed, **options), oracle, np.random.default_rng(seed))
+
+
+def seeded_searcher(name: str, seed: int, **options) -> Searcher:
+    """`make_searcher`, passing `seed` to a searcher whose constructor takes one."""
+    if "seed" in inspect.signature(SEARCHERS.get(name, "searcher")).parameters:
+        options = {"seed": seed, **options}
+    return make_searcher(name, **options)

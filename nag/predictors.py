@@ -166,8 +166,13 @@ class NeuralPredictor:
         (a guidance scale that transfers across tasks). Pure jax: jit and grad it freely."""
         if self.params is None:
             raise ValueError("NeuralPredictor.mean_fn: call fit first.")
-        mean = self._members(self.params, adjacency, onehot, t).mean(0)
+        mean = self.standardized_mean(self.params, adjacency, onehot, t)
         return mean if standardized else mean * self.target_std + self.target_mean
+
+    def standardized_mean(self, params, adjacency, onehot, t):
+        """`mean_fn(..., standardized=True)` with the ensemble's parameters as an argument, so a
+        jitted caller (a guided sampler) takes refitted parameters without recompiling."""
+        return self._members(params, adjacency, onehot, t).mean(0)
 
     def _train_impl(self, params, opt_state, key, adjacency, onehot, y, weights, batches):
         """S steps of every member at once. weights [E, M] (0 for padding), batches [S, B]."""
