@@ -1,0 +1,746 @@
+"""The U-Net kernel search, end to end (`python -m nag.main --config FILE --workdir DIR`):
+
+1. original: the plain U-Net trained by the project's trainer in DIR/original (resumed there);
+2. search, in rounds: propose (the graph diffusion generator, guided by the neural predictor
+   once it is fitted, plus fresh `canvas_jax.sample` draws) -> keep graphs that meet the
+   constraints and were never evaluated (canonical hash) -> score every proposal with a
+   zero-cost proxy in one batch -> pick the best few by the predictor's mean + kappa std (by the
+   proxy's rank before the predictor has `min_fit` evaluations) -> train them briefly in one
+   program and score them by SoTL-E (`nag.sotl`) -> refit the predictor on every evaluation so
+   far; until `budget` evaluations or `seconds` of search;
+3. report: the best graph swapped into every placeholder and fine-tuned from the trained
+   original (kernels fresh), the original fine-tuned for the same steps on the same batches,
+   both measured on the same held-out batches and noise; DIR/report.json, a printed table,
+   DIR/winner.txt and .dot, sample grids DIR/samples/{original,winner}.png.
+
+Glossary: M proposals of a round, Q picks per round (`per_round`), T evaluation budget, N nodes,
+K one-hot columns, S SoTL-E steps.
+
+Files and resuming: DIR/search/results.jsonl holds one line per evaluated graph, appended and
+fsynced as soon as its round's program returns: {"round", "picked", "evaluation", "hash", "ops",
+"inputs", "source", "proxy", "predicted_mean", "predicted_std", "sotl", "curve",
+"params_fraction", "flops_fraction", "best_sotl", "best_hash", "seconds"}. Round r's picks are a
+function of the seed, r and the records of rounds before r (the generator is fitted from the
+seed, the predictor refitted with a key of (seed, r), proposals drawn with keys of (seed, r)),
+so a re-run replays the complete rounds from the file, recomputes an incomplete round's picks
+and evaluates only those not recorded: nothing is evaluated twice and the records are those of
+an uninterrupted run. A torn last line (a crash while writing) is dropped and redone. The
+fine-tuned parameters (DIR/finetune/*.msgpack, with a .json that names what they are) and the
+report are reused when they match the winner and the settings.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import flax.serialization
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+import canvas_jax
+from canvas_jax.batch import candidate_params, kernel_params, score_candidates
+from canvas_jax.graph import KernelGraph, Space
+from canvas_jax.primitives import DEFAULT_OPS
+from canvas_jax.sample import Constraints, kernel_shapes, space_from_config
+from nag.predictors import NeuralPredictor, encode_graphs
+from nag.search import read_records
+from nag.sotl import (
+    SotlSettings,
+    SotlTrainer,
+    check_fields,
+    count,
+    first_problem,
+    number,
+    positive,
+    read_section,
+)
+from patchdiff import config as config_lib
+from patchdiff import data as data_lib
+from patchdiff import generate, train
+from patchdiff.config import ConfigError
+from patchdiff.diffusion import build as diffusion_build
+from patchdiff.diffusion.losses import denoising_loss
+from patchdiff.models import build_model
+from patchdiff.models.cost import count_params, forward_flops_per_image
+from patchdiff.sampling import SAMPLERS
+from patchdiff.tables import format_table
+from patchdiff.train.loop import make_mesh
+from patchdiff.train.optim import build_optimizer
+from patchdiff.train.report import save_grid
+from patchdiff.train.state import create_state, state_shardings
+from patchdiff.train.step import make_train_step
+
+RESULTS = "results.jsonl"
+COLUMNS = ["model", "held-out loss", "params", "GFLOPs/image"]
+# Proxies that score_candidates batches (params and flops are host-side baselines).
+SEARCH_PROXIES = ("grad_norm", "jacov", "naswot", "snip", "synflow")
+# Independent random streams of a search, each folded with the round number.
+STREAMS = ("generator_fit", "generate", "sample", "predictor", "train_graphs")
+
+
+# -- settings: config.nag, read and checked once ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """config.nag's own fields; see ml_collections_configs/kernel_search_fashion_mnist.py."""
+
+    budget: int = 64
+    seconds: float = 0.0
+    proposals: int = 128
+    sampled_fraction: float = 0.25
+    per_round: int = 8
+    kappa: float = 0.5
+    min_fit: int = 8
+    proxy: str = "jacov"
+    proxy_images: int = 16
+    proxy_sigma: float = 1.0
+    pool: int = 4096
+    ops: tuple = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "ops", tuple(self.ops))
+        check_fields(self, _search_problem)
+
+
+def _search_problem(f):
+    ops = f["ops"]
+    return first_problem(
+        (
+            ("budget", lambda: count(f["budget"], 1), "a positive number of evaluations"),
+            ("seconds", lambda: number(f["seconds"]) and f["seconds"] >= 0, "0 (none) or more"),
+            ("proposals", lambda: count(f["proposals"], 1), "a positive integer"),
+            ("sampled_fraction", lambda: _fraction(f["sampled_fraction"]), "a number in [0, 1]"),
+            ("per_round", lambda: count(f["per_round"], 1), "a positive integer"),
+            ("kappa", lambda: number(f["kappa"]) and f["kappa"] >= 0, "a number >= 0"),
+            ("min_fit", lambda: count(f["min_fit"], 2), "an integer >= 2 (a fit needs two)"),
+            ("proxy", lambda: f["proxy"] in SEARCH_PROXIES, f"one of {', '.join(SEARCH_PROXIES)}"),
+            ("proxy_images", lambda: count(f["proxy_images"], 2), "an integer >= 2"),
+            ("proxy_sigma", lambda: positive(f["proxy_sigma"]), "a positive number"),
+            ("pool", lambda: count(f["pool"], 1), "a positive number of images"),
+            (
+                "ops",
+                lambda: isinstance(ops, (tuple, list)) and set(ops) <= set(DEFAULT_OPS),
+                "() (all primitives) or a tuple of names among " + ", ".join(DEFAULT_OPS),
+            ),
+            ("seed", lambda: count(f["seed"], 0), "a non-negative integer"),
+        ),
+        f,
+    )
+
+
+def _fraction(value) -> bool:
+    return number(value) and 0 <= value <= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSettings:
+    """config.nag.generator: `nag.generator.GraphDiffusion`'s size, fit and sampling."""
+
+    enabled: bool = True
+    train_graphs: int = 2048
+    hidden: int = 64
+    layers: int = 3
+    heads: int = 4
+    steps: int = 2000
+    batch_size: int = 128
+    num_steps: int = 32
+    sampler: str = "heun"
+    guidance: float = 1.0
+
+    def __post_init__(self):
+        check_fields(self, _generator_problem)
+
+
+def _generator_problem(f):
+    heads = f["heads"]
+    return first_problem(
+        (
+            ("enabled", lambda: isinstance(f["enabled"], bool), "True or False"),
+            ("train_graphs", lambda: count(f["train_graphs"], 2), "an integer >= 2"),
+            ("hidden", lambda: count(f["hidden"], 2), "an integer >= 2"),
+            ("layers", lambda: count(f["layers"], 1), "a positive integer"),
+            (
+                "heads",
+                lambda: count(heads, 2) and f["hidden"] % heads == 0,
+                f"an integer >= 2 dividing hidden = {f['hidden']}",
+            ),
+            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
+            ("batch_size", lambda: count(f["batch_size"], 1), "a positive integer"),
+            ("num_steps", lambda: count(f["num_steps"], 1), "a positive integer"),
+            ("sampler", lambda: f["sampler"] in SAMPLERS, f"one of {', '.join(SAMPLERS.names())}"),
+            ("guidance", lambda: number(f["guidance"]) and f["guidance"] >= 0, "a number >= 0"),
+        ),
+        f,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictorSettings:
+    """config.nag.predictor: the `NeuralPredictor` ensemble."""
+
+    hidden: int = 32
+    layers: int = 2
+    heads: int = 4
+    members: int = 5
+    steps: int = 300
+
+    def __post_init__(self):
+        check_fields(self, _predictor_problem)
+
+
+def _predictor_problem(f):
+    return first_problem(
+        (
+            ("hidden", lambda: count(f["hidden"], 1), "a positive integer"),
+            ("layers", lambda: count(f["layers"], 1), "a positive integer"),
+            (
+                "heads",
+                lambda: count(f["heads"], 1) and f["hidden"] % f["heads"] == 0,
+                f"a positive integer dividing hidden = {f['hidden']}",
+            ),
+            ("members", lambda: count(f["members"], 2), "an integer >= 2 (an ensemble)"),
+            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
+        ),
+        f,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """config.nag.finetune: steps and learning rate of both fine-tunes, and the held-out set."""
+
+    steps: int = 2000
+    lr: float = 1e-3
+    eval_examples: int = 2000
+    eval_batch: int = 250
+
+    def __post_init__(self):
+        check_fields(self, _finetune_problem)
+
+
+def _finetune_problem(f):
+    return first_problem(
+        (
+            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
+            ("lr", lambda: positive(f["lr"]), "a positive number"),
+            ("eval_examples", lambda: count(f["eval_examples"], 1), "a positive integer"),
+            (
+                "eval_batch",
+                lambda: count(f["eval_batch"], 1) and f["eval_batch"] <= f["eval_examples"],
+                f"a positive integer up to eval_examples = {f['eval_examples']}",
+            ),
+        ),
+        f,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    search: SearchSettings
+    generator: GeneratorSettings
+    predictor: PredictorSettings
+    sotl: SotlSettings
+    finetune: FinetuneSettings
+
+
+# config.nag's sub-sections: name -> (settings class, its problem function)
+SECTIONS = {
+    "generator": (GeneratorSettings, _generator_problem),
+    "predictor": (PredictorSettings, _predictor_problem),
+    "finetune": (FinetuneSettings, _finetune_problem),
+}
+
+
+def read_settings(config) -> Settings:
+    """Validates `config` (the model, data, kernel_search and nag sections) and unpacks
+    config.nag; the first bad field stops with one ConfigError sentence naming it."""
+    config_lib.validate(config)
+    if "nag" not in config:
+        raise ConfigError(
+            "config.nag is missing: a kernel search config defines it (see "
+            "ml_collections_configs/kernel_search_fashion_mnist.py)."
+        )
+    if not tuple(config.model.placeholders):
+        raise ConfigError(
+            "config.model.placeholders = () is not allowed: the search needs convolutions to "
+            "replace, names among ('conv0', 'conv1')."
+        )
+    Constraints.from_config(config, kernel_shapes(config))  # kernel_search.* fields
+    nag = config.nag
+    own = {k: nag[k] for k in nag.keys() if k not in (*SECTIONS, "sotl")}
+    parts = {"search": read_section(SearchSettings, own, "nag", _search_problem)}
+    for name, (cls, problem) in SECTIONS.items():
+        parts[name] = read_section(cls, nag.get(name, {}), f"nag.{name}", problem)
+    parts["sotl"] = SotlSettings.from_config(nag.get("sotl", {}), "nag.sotl")
+    return Settings(**parts)
+
+
+def search_space(config, settings: SearchSettings) -> Space:
+    """config.kernel_search's space, restricted to `settings.ops` when it names any."""
+    space = space_from_config(config)
+    return Space(ops=settings.ops, max_nodes=space.max_nodes) if settings.ops else space
+
+
+def _key(seed: int, stream: str, number: int = 0):
+    return jax.random.fold_in(
+        jax.random.fold_in(jax.random.PRNGKey(seed), STREAMS.index(stream)), number
+    )
+
+
+# -- the search loop ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pick:
+    graph: KernelGraph
+    hash: str
+    source: str  # "generator" or "sample"
+    proxy: float
+    predicted_mean: float | None
+    predicted_std: float | None
+
+
+def graph_of(record: dict) -> KernelGraph:
+    return KernelGraph(tuple(record["ops"]), tuple(tuple(i) for i in record["inputs"]))
+
+
+def _finite(value) -> float | None:
+    """A float for JSON, None for NaN or inf."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+class Proposer:
+    """Round r's picks from the records of rounds before r; see the module docstring.
+
+    generator: a fitted object with `GraphDiffusion.generate`'s signature, or None to fit a
+    `GraphDiffusion` from settings.generator when first needed (a re-run whose rounds are all
+    recorded never fits it). The predictor is one object refitted per round, so its programs
+    compile once per doubling of the data."""
+
+    def __init__(self, space, constraints, settings: Settings, proxy_fn, generator=None, log=print):
+        self.space, self.constraints, self.settings = space, constraints, settings
+        self.proxy_fn, self.log = proxy_fn, log
+        p = settings.predictor
+        self.predictor = NeuralPredictor(
+            hidden=p.hidden,
+            layers=p.layers,
+            heads=p.heads,
+            members=p.members,
+            steps=p.steps,
+            seed=settings.search.seed,
+        )
+        self._generator = generator
+
+    def check(self, graph) -> str | None:
+        return self.constraints.check(graph, self.space)
+
+    def generator(self):
+        if self._generator is None:
+            from nag.generator import GraphDiffusion
+
+            g, seed = self.settings.generator, self.settings.search.seed
+            start = time.perf_counter()
+            graphs = canvas_jax.sample(
+                _key(seed, "train_graphs"), self.space, self.constraints, g.train_graphs
+            )
+            self._generator = GraphDiffusion(
+                self.space, hidden=g.hidden, layers=g.layers, heads=g.heads, seed=seed
+            ).fit(graphs, steps=g.steps, batch_size=g.batch_size)
+            self.log(
+                f"generator: fitted on {len(graphs)} sampled graphs in "
+                f"{time.perf_counter() - start:.1f} s (final loss "
+                f"{float(np.mean(self._generator.losses[-50:])):.4g})"
+            )
+        return self._generator
+
+    def _sample(self, key, n, taken) -> list[KernelGraph]:
+        """Up to n new graphs from canvas_jax.sample (fewer when the space runs short)."""
+        while n > 0:
+            try:
+                return canvas_jax.sample(key, self.space, self.constraints, n, seen=set(taken))
+            except ValueError:
+                n //= 2
+        return []
+
+    def picks(self, round_: int, history: list[dict], count: int) -> list[Pick]:
+        s, g = self.settings.search, self.settings.generator
+        seen = {r["hash"] for r in history}
+        scored = [r for r in history if r["sotl"] is not None]
+        fitted = len(scored) >= s.min_fit
+        if fitted:
+            self.predictor.key = _key(s.seed, "predictor", round_)
+            encodings = encode_graphs([graph_of(r) for r in scored], self.space)
+            self.predictor.fit(encodings[:2], np.array([r["sotl"] for r in scored]))
+
+        proposals = []  # (graph, source)
+        n_sample = s.proposals if not g.enabled else round(s.proposals * s.sampled_fraction)
+        if s.proposals - n_sample:
+            guided = fitted and g.guidance > 0
+            n_generated = s.proposals - n_sample
+            out = self.generator().generate(
+                _key(s.seed, "generate", round_),
+                n_generated,
+                predictor=self.predictor if guided else None,
+                guidance=g.guidance if guided else 0.0,
+                num_steps=g.num_steps,
+                sampler=g.sampler,
+                seen=seen,
+                check=self.check,
+            )
+            proposals += [(graph, "generator") for graph in out.graphs]
+            self.log(
+                f"round {round_}: generator{' (guided)' if guided else ''} gave "
+                f"{len(out.graphs)} new graphs of {n_generated} samples (valid "
+                f"{out.valid_fraction:.0%}, unique {out.unique_fraction:.0%}, novel "
+                f"{out.novel_fraction:.0%})"
+            )
+        taken = seen | {graph.canonical_hash() for graph, _ in proposals}
+        proposals += [
+            (graph, "sample")
+            for graph in self._sample(_key(s.seed, "sample", round_), n_sample, taken)
+        ]
+        if not proposals:
+            return []
+        graphs = [graph for graph, _ in proposals]
+        tic = time.perf_counter()
+        proxies = np.asarray(self.proxy_fn(graphs), np.float64)
+        self.log(
+            f"round {round_}: {s.proxy} of {len(graphs)} proposals in "
+            f"{time.perf_counter() - tic:.1f} s"
+        )
+        if fitted:
+            mean, std = self.predictor.predict(encode_graphs(graphs, self.space)[:2])
+            rank = mean + s.kappa * std
+        else:
+            mean = std = [None] * len(graphs)
+            rank = np.where(np.isfinite(proxies), proxies, -np.inf)
+        order = np.argsort(-np.asarray(rank, np.float64), kind="stable")[:count]
+        return [
+            Pick(
+                graphs[i],
+                graphs[i].canonical_hash(),
+                proposals[i][1],
+                _finite(proxies[i]),
+                _finite(mean[i]),
+                _finite(std[i]),
+            )
+            for i in order
+        ]
+
+
+def search(
+    workdir,
+    space,
+    constraints,
+    settings: Settings,
+    *,
+    evaluate,
+    proxy_fn,
+    generator=None,
+    log=print,
+):
+    """Runs (or resumes) the search in `workdir`; returns all records, one per evaluation.
+
+    evaluate(graphs) -> an object with scores [Q] (SoTL-E, higher is better, NaN for a failed
+    training) and curves [Q, S] (e.g. `SotlTrainer.scores`); proxy_fn(graphs) -> [M] scores;
+    generator: see `Proposer`.
+    """
+    s = settings.search
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / RESULTS
+    records = read_records(workdir)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if path.exists() and path.read_text() != text:
+        _write_atomic(path, text)  # drops a torn last line
+    proposer = Proposer(space, constraints, settings, proxy_fn, generator, log)
+    start = time.perf_counter() - (records[-1]["seconds"] if records else 0.0)
+    best = max((r for r in records if r["sotl"] is not None), key=lambda r: r["sotl"], default=None)
+    round_ = 0
+    with path.open("a") as out:
+        while True:
+            history = [r for r in records if r["round"] < round_]
+            if len(history) >= s.budget:
+                break
+            recorded = [r for r in records if r["round"] == round_]
+            if recorded and len(recorded) == recorded[0]["picked"]:
+                round_ += 1  # replayed from the file
+                continue
+            if not recorded and s.seconds and time.perf_counter() - start >= s.seconds:
+                log(f"search: the time budget of {s.seconds:g} s is spent.")
+                break
+            picks = proposer.picks(round_, history, min(s.per_round, s.budget - len(history)))
+            if not picks:
+                log(f"round {round_}: no new graph meets the constraints; the search stops.")
+                break
+            done = {r["hash"] for r in recorded}
+            todo = [p for p in picks if p.hash not in done]
+            tic = time.perf_counter()
+            result = evaluate([p.graph for p in todo])
+            for pick, value, curve in zip(todo, result.scores, result.curves, strict=True):
+                value = _finite(value)
+                params, flops = constraints.relative_cost(pick.graph)
+                if value is not None and (best is None or value > best["sotl"]):
+                    best = {"sotl": value, "hash": pick.hash}
+                record = {
+                    "round": round_,
+                    "picked": len(picks),
+                    "evaluation": len(records) + 1,
+                    "hash": pick.hash,
+                    "ops": list(pick.graph.ops),
+                    "inputs": [list(i) for i in pick.graph.inputs],
+                    "source": pick.source,
+                    "proxy": pick.proxy,
+                    "predicted_mean": pick.predicted_mean,
+                    "predicted_std": pick.predicted_std,
+                    "sotl": value,
+                    "curve": [_finite(v) for v in np.asarray(curve).tolist()],
+                    "params_fraction": float(params),
+                    "flops_fraction": float(flops),
+                    "best_sotl": None if best is None else best["sotl"],
+                    "best_hash": None if best is None else best["hash"],
+                    "seconds": time.perf_counter() - start,
+                }
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                records.append(record)
+            log(
+                f"round {round_}: SoTL-E of {len(todo)} graphs in {time.perf_counter() - tic:.1f} "
+                f"s; best so far {records[-1]['best_sotl']} ({len(records)}/{s.budget} evaluated)"
+            )
+            round_ += 1
+    return records
+
+
+def best_record(records: list[dict]) -> dict:
+    scored = [r for r in records if r["sotl"] is not None]
+    if not scored:
+        raise ValueError("search: no evaluated graph trained to a finite loss; nothing to report.")
+    return max(scored, key=lambda r: r["sotl"])
+
+
+def _write_atomic(path: pathlib.Path, text: str | bytes) -> None:
+    """Writes beside `path`, syncs, then renames over it: a reader sees the old or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+# -- the end-to-end command -----------------------------------------------------------------------
+
+
+def load_images(config, count: int, split: str | None = None, flip: bool = True) -> dict:
+    """The first `count` images of the seeded stream of `split`: {"image" [count, R, R, C] in
+    [-1, 1], "label" [count]}."""
+    loader = data_lib.build_loader(config, 0, split=split)
+    loader.random_flip = flip and loader.random_flip
+    return loader.next(count)
+
+
+def make_proxy_fn(config, base_params, settings: SearchSettings, images):
+    """proxy_fn(graphs) -> [M]: `canvas_jax.score_candidates` on `images` at proxy_sigma, with
+    the trained original's parameters around template kernels."""
+    params = kernel_params(config, base_params, space_from_config(config), seed=settings.seed)
+    key = jax.random.PRNGKey(settings.seed)
+
+    def proxy_fn(graphs):
+        return score_candidates(
+            graphs,
+            config,
+            images,
+            key,
+            params=params,
+            proxy=settings.proxy,
+            sigma=settings.proxy_sigma,
+            chunk=settings.proposals,
+        )
+
+    return proxy_fn
+
+
+def run(config, workdir, log=print) -> dict:
+    """The whole command; returns the report. A re-run on `workdir` reuses what is done."""
+    settings = read_settings(config)
+    workdir = pathlib.Path(workdir)
+    s = settings.search
+
+    log("== 1. the original model")
+    result = train.train_and_evaluate(config, workdir / "original")
+    base, original_step = jax.device_get(result["state"].ema), int(result["step"])
+
+    log("== 2. the search")
+    space = search_space(config, s)
+    constraints = Constraints.from_config(config, kernel_shapes(config))
+    pool = load_images(config, s.pool)
+    sotl = settings.sotl
+    if not sotl.candidates_per_call:  # a short last round is padded: one compiled program
+        sotl = dataclasses.replace(sotl, candidates_per_call=s.per_round)
+    trainer = SotlTrainer(config, base, sotl, space=space)
+    images = {k: v[: s.proxy_images] for k, v in pool.items()}
+    records = search(
+        workdir / "search",
+        space,
+        constraints,
+        settings,
+        evaluate=lambda graphs: trainer.scores(graphs, pool),
+        proxy_fn=make_proxy_fn(config, base, s, images["image"]),
+        log=log,
+    )
+    winner = best_record(records)
+
+    log("== 3. fine-tune and compare")
+    return report(config, workdir, base, original_step, winner, settings, log)
+
+
+def finetune(model, params, config, fs: FinetuneSettings):
+    """`fs.steps` steps of the project's train step from `params`: the trainer's batches (the
+    seeded stream from its start, the patch schedule of `data.step_plan`) and per-step keys, so
+    two models fine-tuned here see the same images, crops and noise. Returns the EMA."""
+    config = config.copy_and_resolve_references()
+    config.train.lr, config.train.total_steps = fs.lr, fs.steps
+    # The trainer's ramp-up is sized for training from scratch (20k images for Fashion-MNIST:
+    # 625 steps of 32, longer than runlocal's whole fine-tune, which then never reached its
+    # learning rate). Fine-tuning ramps up over its first tenth instead, for both models.
+    images = fs.steps * config.train.batch_size
+    config.train.lr_rampup_img = min(config.train.lr_rampup_img, max(images // 10, 1))
+    mesh, rules = make_mesh(config)
+    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    optimizer = build_optimizer(config.train)
+    shardings, _ = state_shardings(model, optimizer, config, mesh, rules)
+    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
+    step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
+    loader = data_lib.build_loader(config, 0)
+    for step in range(fs.steps):
+        patch_size, size = data_lib.step_plan(config, step)
+        state, _ = step_fn(state, data_lib.to_global(loader.next(size), batch_sharding), patch_size)
+    if int(state.bad_step) >= 0:
+        raise train.TrainingStopped(
+            f"fine-tuning: the loss became non-finite at step {int(state.bad_step)}; lower "
+            "config.nag.finetune.lr."
+        )
+    return jax.device_get(state.ema)
+
+
+def heldout_loss(model, config, held_out, batch: int, seed: int):
+    """loss(params) -> float: the training objective (configured noise levels and weighting) on
+    full held-out images, batch by batch with keys fixed by (seed, batch index), so every model
+    and parameter set is measured on the same noise; compiled once per model."""
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    classes = config.model.num_classes
+
+    @jax.jit
+    def one(params, images, labels, key):
+        def net(x_in, c_noise, **kw):
+            return model.apply({"params": params}, x_in, c_noise, **kw)
+
+        kwargs = {"labels": labels} if classes else {}
+        return denoising_loss(net, key, images, **loss_kwargs, **kwargs).mean()
+
+    def loss(params) -> float:
+        batches = len(held_out["image"]) // batch
+        total = 0.0
+        for i in range(batches):
+            rows = slice(i * batch, (i + 1) * batch)
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            total += float(one(params, held_out["image"][rows], held_out["label"][rows], key))
+        return total / batches
+
+    return loss
+
+
+def _finetuned(folder: pathlib.Path, name: str, meta: dict, make) -> dict:
+    """Parameters saved under folder/name.msgpack when folder/name.json holds `meta`, else
+    make() saved there (the parameters first, the .json naming them last)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = folder / f"{name}.json"
+    if stored.exists() and json.loads(stored.read_text()) == meta:
+        return flax.serialization.msgpack_restore((folder / f"{name}.msgpack").read_bytes())
+    params = make()
+    _write_atomic(folder / f"{name}.msgpack", flax.serialization.msgpack_serialize(params))
+    _write_atomic(stored, json.dumps(meta, indent=2) + "\n")
+    return params
+
+
+def report(config, workdir, base, original_step: int, winner: dict, settings: Settings, log=print):
+    """Fine-tunes (or reuses) both models, measures them, writes the report; returns it."""
+    fs, s = settings.finetune, settings.search
+    workdir = pathlib.Path(workdir)
+    graph = graph_of(winner)
+    stamp = {
+        "original_step": original_step,
+        "winner": winner["hash"],
+        "finetune": dataclasses.asdict(fs),
+        "seed": s.seed,
+    }
+    path = workdir / "report.json"
+    if path.exists() and json.loads(path.read_text()).get("stamp") == stamp:
+        done = json.loads(path.read_text())
+        log(format_table(done["table"], COLUMNS))
+        log(done["winner"]["graph"])
+        return done
+
+    held_out = load_images(config, fs.eval_examples, config.eval.split, flip=False)
+    space = search_space(config, s)
+    fresh = kernel_params(config, base, space, seed=settings.sotl.seed)
+    models = {
+        "original": (build_model(config), base),
+        "winner": (canvas_jax.replace(config, graph), candidate_params(graph, fresh, config)),
+    }
+    losses = {
+        name: heldout_loss(model, config, held_out, fs.eval_batch, s.seed)
+        for name, (model, _) in models.items()
+    }
+    rows = [{"model": "original, before fine-tuning", "held-out loss": losses["original"](base)}]
+    for name, (model, init) in models.items():
+        tic = time.perf_counter()
+        meta = {**stamp, "model": name}
+        ema = _finetuned(
+            workdir / "finetune", name, meta, lambda m=model, p=init: finetune(m, p, config, fs)
+        )
+        rows.append(
+            {
+                "model": f"{name}, fine-tuned {fs.steps} steps",
+                "held-out loss": losses[name](ema),
+                "params": count_params(ema),
+                "GFLOPs/image": forward_flops_per_image(model, ema, config) / 1e9,
+            }
+        )
+        images, _ = generate.generate_all(
+            generate.make_generator(model, config), ema, config, config.sample.num_images
+        )
+        save_grid(images, workdir / "samples" / f"{name}.png")
+        log(f"{name}: fine-tuned and measured in {time.perf_counter() - tic:.1f} s")
+
+    rows[0].update({k: rows[1][k] for k in ("params", "GFLOPs/image")})  # same network
+    (workdir / "winner.txt").write_text(str(graph) + "\n")
+    (workdir / "winner.dot").write_text(graph.to_dot("winner"))
+    rel_params, rel_flops = Constraints.from_config(config, kernel_shapes(config)).relative_cost(
+        graph
+    )
+    done = {
+        "stamp": stamp,
+        "table": rows,
+        "winner": {
+            "hash": winner["hash"],
+            "graph": str(graph),
+            "ops": winner["ops"],
+            "inputs": winner["inputs"],
+            "sotl": winner["sotl"],
+            "params_fraction_of_convs": rel_params,
+            "flops_fraction_of_convs": rel_flops,
+        },
+        "samples": {name: f"samples/{name}.png" for name in models},
+    }
+    _write_atomic(path, json.dumps(done, indent=2) + "\n")
+    log(format_table(rows, COLUMNS))
+    log(str(graph))
+    return done
