@@ -42,30 +42,27 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import canvas_jax
 from canvas_jax.batch import candidate_params, kernel_params, score_candidates
-from canvas_jax.graph import KernelGraph, Space
-from canvas_jax.primitives import DEFAULT_OPS
+from canvas_jax.graph import KernelGraph
 from canvas_jax.sample import Constraints, kernel_shapes, space_from_config
 from nag.predictors import NeuralPredictor, encode_graphs
 from nag.search import read_records
-from nag.sotl import (
+from nag.settings import (  # noqa: F401 (the settings are part of this module's interface)
+    FinetuneSettings,
+    GeneratorSettings,
+    PredictorSettings,
+    SearchSettings,
+    Settings,
     SotlSettings,
-    SotlTrainer,
-    check_fields,
-    count,
-    first_problem,
-    number,
-    positive,
-    read_section,
+    read_settings,
+    search_space,
 )
-from patchdiff import config as config_lib
+from nag.sotl import SotlTrainer
 from patchdiff import data as data_lib
 from patchdiff import generate, train
-from patchdiff.config import ConfigError
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
-from patchdiff.models import build_model
+from patchdiff.models import build_model, init_params
 from patchdiff.models.cost import count_params, forward_flops_per_image
-from patchdiff.sampling import SAMPLERS
 from patchdiff.tables import format_table
 from patchdiff.train.loop import make_mesh
 from patchdiff.train.optim import build_optimizer
@@ -75,215 +72,8 @@ from patchdiff.train.step import make_train_step
 
 RESULTS = "results.jsonl"
 COLUMNS = ["model", "held-out loss", "params", "GFLOPs/image"]
-# Proxies that score_candidates batches (params and flops are host-side baselines).
-SEARCH_PROXIES = ("grad_norm", "jacov", "naswot", "snip", "synflow")
 # Independent random streams of a search, each folded with the round number.
 STREAMS = ("generator_fit", "generate", "sample", "predictor", "train_graphs")
-
-
-# -- settings: config.nag, read and checked once ------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSettings:
-    """config.nag's own fields; see ml_collections_configs/kernel_search_fashion_mnist.py."""
-
-    budget: int = 64
-    seconds: float = 0.0
-    proposals: int = 128
-    sampled_fraction: float = 0.25
-    per_round: int = 8
-    kappa: float = 0.5
-    min_fit: int = 8
-    proxy: str = "jacov"
-    proxy_images: int = 16
-    proxy_sigma: float = 1.0
-    pool: int = 4096
-    ops: tuple = ()
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "ops", tuple(self.ops))
-        check_fields(self, _search_problem)
-
-
-def _search_problem(f):
-    ops = f["ops"]
-    return first_problem(
-        (
-            ("budget", lambda: count(f["budget"], 1), "a positive number of evaluations"),
-            ("seconds", lambda: number(f["seconds"]) and f["seconds"] >= 0, "0 (none) or more"),
-            ("proposals", lambda: count(f["proposals"], 1), "a positive integer"),
-            ("sampled_fraction", lambda: _fraction(f["sampled_fraction"]), "a number in [0, 1]"),
-            ("per_round", lambda: count(f["per_round"], 1), "a positive integer"),
-            ("kappa", lambda: number(f["kappa"]) and f["kappa"] >= 0, "a number >= 0"),
-            ("min_fit", lambda: count(f["min_fit"], 2), "an integer >= 2 (a fit needs two)"),
-            ("proxy", lambda: f["proxy"] in SEARCH_PROXIES, f"one of {', '.join(SEARCH_PROXIES)}"),
-            ("proxy_images", lambda: count(f["proxy_images"], 2), "an integer >= 2"),
-            ("proxy_sigma", lambda: positive(f["proxy_sigma"]), "a positive number"),
-            ("pool", lambda: count(f["pool"], 1), "a positive number of images"),
-            (
-                "ops",
-                lambda: isinstance(ops, (tuple, list)) and set(ops) <= set(DEFAULT_OPS),
-                "() (all primitives) or a tuple of names among " + ", ".join(DEFAULT_OPS),
-            ),
-            ("seed", lambda: count(f["seed"], 0), "a non-negative integer"),
-        ),
-        f,
-    )
-
-
-def _fraction(value) -> bool:
-    return number(value) and 0 <= value <= 1
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneratorSettings:
-    """config.nag.generator: `nag.generator.GraphDiffusion`'s size, fit and sampling."""
-
-    enabled: bool = True
-    train_graphs: int = 2048
-    hidden: int = 64
-    layers: int = 3
-    heads: int = 4
-    steps: int = 2000
-    batch_size: int = 128
-    num_steps: int = 32
-    sampler: str = "heun"
-    guidance: float = 1.0
-
-    def __post_init__(self):
-        check_fields(self, _generator_problem)
-
-
-def _generator_problem(f):
-    heads = f["heads"]
-    return first_problem(
-        (
-            ("enabled", lambda: isinstance(f["enabled"], bool), "True or False"),
-            ("train_graphs", lambda: count(f["train_graphs"], 2), "an integer >= 2"),
-            ("hidden", lambda: count(f["hidden"], 2), "an integer >= 2"),
-            ("layers", lambda: count(f["layers"], 1), "a positive integer"),
-            (
-                "heads",
-                lambda: count(heads, 2) and f["hidden"] % heads == 0,
-                f"an integer >= 2 dividing hidden = {f['hidden']}",
-            ),
-            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
-            ("batch_size", lambda: count(f["batch_size"], 1), "a positive integer"),
-            ("num_steps", lambda: count(f["num_steps"], 1), "a positive integer"),
-            ("sampler", lambda: f["sampler"] in SAMPLERS, f"one of {', '.join(SAMPLERS.names())}"),
-            ("guidance", lambda: number(f["guidance"]) and f["guidance"] >= 0, "a number >= 0"),
-        ),
-        f,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictorSettings:
-    """config.nag.predictor: the `NeuralPredictor` ensemble."""
-
-    hidden: int = 32
-    layers: int = 2
-    heads: int = 4
-    members: int = 5
-    steps: int = 300
-
-    def __post_init__(self):
-        check_fields(self, _predictor_problem)
-
-
-def _predictor_problem(f):
-    return first_problem(
-        (
-            ("hidden", lambda: count(f["hidden"], 1), "a positive integer"),
-            ("layers", lambda: count(f["layers"], 1), "a positive integer"),
-            (
-                "heads",
-                lambda: count(f["heads"], 1) and f["hidden"] % f["heads"] == 0,
-                f"a positive integer dividing hidden = {f['hidden']}",
-            ),
-            ("members", lambda: count(f["members"], 2), "an integer >= 2 (an ensemble)"),
-            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
-        ),
-        f,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneSettings:
-    """config.nag.finetune: steps and learning rate of both fine-tunes, and the held-out set."""
-
-    steps: int = 2000
-    lr: float = 1e-3
-    eval_examples: int = 2000
-    eval_batch: int = 250
-
-    def __post_init__(self):
-        check_fields(self, _finetune_problem)
-
-
-def _finetune_problem(f):
-    return first_problem(
-        (
-            ("steps", lambda: count(f["steps"], 1), "a positive integer"),
-            ("lr", lambda: positive(f["lr"]), "a positive number"),
-            ("eval_examples", lambda: count(f["eval_examples"], 1), "a positive integer"),
-            (
-                "eval_batch",
-                lambda: count(f["eval_batch"], 1) and f["eval_batch"] <= f["eval_examples"],
-                f"a positive integer up to eval_examples = {f['eval_examples']}",
-            ),
-        ),
-        f,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    search: SearchSettings
-    generator: GeneratorSettings
-    predictor: PredictorSettings
-    sotl: SotlSettings
-    finetune: FinetuneSettings
-
-
-# config.nag's sub-sections: name -> (settings class, its problem function)
-SECTIONS = {
-    "generator": (GeneratorSettings, _generator_problem),
-    "predictor": (PredictorSettings, _predictor_problem),
-    "finetune": (FinetuneSettings, _finetune_problem),
-}
-
-
-def read_settings(config) -> Settings:
-    """Validates `config` (the model, data, kernel_search and nag sections) and unpacks
-    config.nag; the first bad field stops with one ConfigError sentence naming it."""
-    config_lib.validate(config)
-    if "nag" not in config:
-        raise ConfigError(
-            "config.nag is missing: a kernel search config defines it (see "
-            "ml_collections_configs/kernel_search_fashion_mnist.py)."
-        )
-    if not tuple(config.model.placeholders):
-        raise ConfigError(
-            "config.model.placeholders = () is not allowed: the search needs convolutions to "
-            "replace, names among ('conv0', 'conv1')."
-        )
-    Constraints.from_config(config, kernel_shapes(config))  # kernel_search.* fields
-    nag = config.nag
-    own = {k: nag[k] for k in nag.keys() if k not in (*SECTIONS, "sotl")}
-    parts = {"search": read_section(SearchSettings, own, "nag", _search_problem)}
-    for name, (cls, problem) in SECTIONS.items():
-        parts[name] = read_section(cls, nag.get(name, {}), f"nag.{name}", problem)
-    parts["sotl"] = SotlSettings.from_config(nag.get("sotl", {}), "nag.sotl")
-    return Settings(**parts)
-
-
-def search_space(config, settings: SearchSettings) -> Space:
-    """config.kernel_search's space, restricted to `settings.ops` when it names any."""
-    space = space_from_config(config)
-    return Space(ops=settings.ops, max_nodes=space.max_nodes) if settings.ops else space
 
 
 def _key(seed: int, stream: str, number: int = 0):
@@ -602,9 +392,8 @@ def run(config, workdir, log=print) -> dict:
 
 
 def finetune(model, params, config, fs: FinetuneSettings):
-    """`fs.steps` steps of the project's train step from `params`: the trainer's batches (the
-    seeded stream from its start, the patch schedule of `data.step_plan`) and per-step keys, so
-    two models fine-tuned here see the same images, crops and noise. Returns the EMA."""
+    """`fs.steps` steps of the project's train step from `params` at learning rate `fs.lr`; see
+    `train_steps`. Returns the EMA."""
     config = config.copy_and_resolve_references()
     config.train.lr, config.train.total_steps = fs.lr, fs.steps
     # The trainer's ramp-up is sized for training from scratch (20k images for Fashion-MNIST:
@@ -612,6 +401,15 @@ def finetune(model, params, config, fs: FinetuneSettings):
     # learning rate). Fine-tuning ramps up over its first tenth instead, for both models.
     images = fs.steps * config.train.batch_size
     config.train.lr_rampup_img = min(config.train.lr_rampup_img, max(images // 10, 1))
+    return train_steps(model, params, config)
+
+
+def train_steps(model, params, config):
+    """config.train.total_steps steps of the project's train step from `params`: the trainer's
+    batches (the seeded stream from its start, the patch schedule of `data.step_plan`) and
+    per-step keys, so two models trained here see the same images, crops and noise. Returns the
+    EMA."""
+    steps = config.train.total_steps
     mesh, rules = make_mesh(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     optimizer = build_optimizer(config.train)
@@ -619,13 +417,13 @@ def finetune(model, params, config, fs: FinetuneSettings):
     state = jax.device_put(create_state(model, optimizer, config, params), shardings)
     step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
     loader = data_lib.build_loader(config, 0)
-    for step in range(fs.steps):
+    for step in range(steps):
         patch_size, size = data_lib.step_plan(config, step)
         state, _ = step_fn(state, data_lib.to_global(loader.next(size), batch_sharding), patch_size)
     if int(state.bad_step) >= 0:
         raise train.TrainingStopped(
-            f"fine-tuning: the loss became non-finite at step {int(state.bad_step)}; lower "
-            "config.nag.finetune.lr."
+            f"training {steps} steps: the loss became non-finite at step "
+            f"{int(state.bad_step)}; lower the learning rate (config.nag.finetune.lr)."
         )
     return jax.device_get(state.ema)
 
@@ -721,6 +519,33 @@ def report(config, workdir, base, original_step: int, winner: dict, settings: Se
         log(f"{name}: fine-tuned and measured in {time.perf_counter() - tic:.1f} s")
 
     rows[0].update({k: rows[1][k] for k in ("params", "GFLOPs/image")})  # same network
+    if fs.from_scratch:
+        # The fair test of the architecture: the winner's whole network trained from a fresh
+        # initialisation with the original's recipe and steps (the fine-tunes start from weights
+        # that the original's convolutions were trained with).
+        tic = time.perf_counter()
+        model = models["winner"][0]
+        meta = {**stamp, "model": "winner_scratch"}
+
+        def scratch():
+            params = init_params(model, jax.random.PRNGKey(config.seed), config)
+            return train_steps(model, params, config)
+
+        ema = _finetuned(workdir / "finetune", "winner_scratch", meta, scratch)
+        rows.append(
+            {
+                "model": f"winner, trained from scratch {original_step} steps",
+                "held-out loss": losses["winner"](ema),
+                "params": rows[2]["params"],
+                "GFLOPs/image": rows[2]["GFLOPs/image"],
+            }
+        )
+        images, _ = generate.generate_all(
+            generate.make_generator(model, config), ema, config, config.sample.num_images
+        )
+        save_grid(images, workdir / "samples" / "winner_scratch.png")
+        log(f"winner from scratch: trained and measured in {time.perf_counter() - tic:.1f} s")
+        rows[0]["model"] = f"original, trained {original_step} steps (before fine-tuning)"
     (workdir / "winner.txt").write_text(str(graph) + "\n")
     (workdir / "winner.dot").write_text(graph.to_dot("winner"))
     rel_params, rel_flops = Constraints.from_config(config, kernel_shapes(config)).relative_cost(
@@ -738,7 +563,10 @@ def report(config, workdir, base, original_step: int, winner: dict, settings: Se
             "params_fraction_of_convs": rel_params,
             "flops_fraction_of_convs": rel_flops,
         },
-        "samples": {name: f"samples/{name}.png" for name in models},
+        "samples": {
+            name: f"samples/{name}.png"
+            for name in [*models, *(["winner_scratch"] if fs.from_scratch else [])]
+        },
     }
     _write_atomic(path, json.dumps(done, indent=2) + "\n")
     log(format_table(rows, COLUMNS))

@@ -51,7 +51,7 @@ from canvas_jax.graph import KernelGraph, Space
 from canvas_jax.placeholders import get_placeholders, replace, slot_factory
 from canvas_jax.sample import space_from_config
 from canvas_jax.template import TemplateKernel
-from patchdiff.config import ConfigError
+from nag.fields import check_fields, count, first_problem, number, positive, read_section
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.diffusion.patches import random_patches
@@ -93,34 +93,6 @@ class SotlSettings:
         return read_section(cls, section, where, _problem)
 
 
-def check_fields(settings, problem_fn) -> None:
-    """Raises ValueError naming the first field of a settings dataclass that `problem_fn`
-    (fields dict -> (field, value, what is allowed) or None) refuses."""
-    bad = problem_fn(dataclasses.asdict(settings))
-    if bad:
-        name = type(settings).__name__
-        raise ValueError(f"{name}.{bad[0]} = {bad[1]!r} is not allowed: it must be {bad[2]}.")
-
-
-def read_section(cls, section, where: str, problem_fn):
-    """The dataclass `cls` from a config section: unset fields keep their defaults; an unknown
-    or refused field stops with one ConfigError sentence naming `config.{where}.{field}`."""
-    given = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for name in given:
-        if name not in known:
-            raise ConfigError(
-                f"config.{where}.{name} is not a known field; known: {', '.join(sorted(known))}."
-            )
-    fields = {name: given.get(name, f.default) for name, f in known.items()}
-    bad = problem_fn(fields)
-    if bad:
-        raise ConfigError(
-            f"config.{where}.{bad[0]} = {bad[1]!r} is not allowed: it must be {bad[2]}."
-        )
-    return cls(**fields)
-
-
 def _problem(f: dict) -> tuple[str, object, str] | None:
     """The first (field, value, what is allowed) of SotlSettings fields `f` that is wrong."""
 
@@ -148,29 +120,6 @@ def _problem(f: dict) -> tuple[str, object, str] | None:
         ("seed", lambda: count(f["seed"], 0), "a non-negative integer"),
     )
     return first_problem(checks, f)
-
-
-def first_problem(checks, fields: dict) -> tuple[str, object, str] | None:
-    """The first (field, value, allowed) of checks ((field, test() -> bool, allowed), ...)
-    whose test fails, or None."""
-    for field, ok, allowed in checks:
-        if not ok():
-            return field, fields[field], allowed
-    return None
-
-
-def count(value, low: int) -> bool:
-    """An int (not a bool) of at least `low`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def number(value) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def positive(value) -> bool:
-    return number(value) and value > 0
 
 
 @dataclasses.dataclass
@@ -364,14 +313,14 @@ def _check_graphs(graphs, config, space) -> list[KernelGraph]:
             "SoTL-E: config.model.placeholders declares no placeholders; name ('conv1',) or "
             "('conv0', 'conv1')."
         )
-    for number, graph in enumerate(graphs):
+    for index, graph in enumerate(graphs):
         if not isinstance(graph, KernelGraph):
-            raise ValueError(f"graphs[{number}]: a KernelGraph; got {type(graph).__name__}.")
+            raise ValueError(f"graphs[{index}]: a KernelGraph; got {type(graph).__name__}.")
         for slot in placeholders:
             try:
                 graph.validate(channels=slot.channels, space=space)
             except ValueError as err:
-                raise ValueError(f"graphs[{number}] is not in the search space: {err}") from None
+                raise ValueError(f"graphs[{index}] is not in the search space: {err}") from None
     return graphs
 
 
