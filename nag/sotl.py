@@ -54,9 +54,9 @@ from canvas_jax.template import TemplateKernel
 from nag.fields import check_fields, count, first_problem, number, positive, read_section
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
-from patchdiff.diffusion.patches import random_patches
 from patchdiff.diffusion.precond import broadcast_to, denoise
 from patchdiff.models import DTYPES, build_model
+from patchdiff.train.step import training_inputs
 
 BATCHINGS = ("vmap", "map")
 
@@ -200,23 +200,10 @@ def make_loss(model, config, distill: float, teacher_model=None):
     """loss(params, teacher_params, batch, key, patch_size) -> scalar: the trainer's loss
     (`patchdiff.train.step.make_loss_fn`: random crops with coordinate channels, label dropout,
     the configured denoising loss), with the distillation target when distill > 0."""
-    m = config.model
     loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
-    label_dropout = config.train.label_dropout
 
     def loss_fn(params, teacher_params, batch, key, patch_size):
-        k_patch, k_loss, k_drop, k_label = jax.random.split(key, 4)
-        images, coords = random_patches(k_patch, batch["image"], patch_size)  # [B, p, p, C]
-        kwargs = {"coords": coords} if m.use_coords else {}
-        if m.num_classes:
-            drop = jax.random.uniform(k_label, batch["label"].shape) < label_dropout
-            kwargs["labels"] = jnp.where(drop, m.num_classes, batch["label"])
-
-        def net(x_in, c_noise, **kw):
-            return model.apply(
-                {"params": params}, x_in, c_noise, train=True, rngs={"dropout": k_drop}, **kw
-            )
-
+        net, images, kwargs, k_loss = training_inputs(config, model, params, batch, key, patch_size)
         if distill == 0:
             return jnp.mean(denoising_loss(net, k_loss, images, **loss_kwargs, **kwargs))
 

@@ -18,25 +18,33 @@ from patchdiff.diffusion.patches import random_patches
 from patchdiff.train.optim import ema_beta, learning_rate
 
 
+def training_inputs(config, model, params, batch, key, patch_size):
+    """What one training step's loss sees: (net(x_in, c_noise, **kw) in train mode with its
+    dropout key, crops [B, p, p, C], the net's kwargs (coordinate channels, labels with label
+    dropout), the key of the loss's noise). Shared with short trainings elsewhere (nag.sotl), so
+    their crops, dropout and noise are the trainer's for the same key."""
+    m = config.model
+    k_patch, k_loss, k_drop, k_label = jax.random.split(key, 4)
+    images, coords = random_patches(k_patch, batch["image"], patch_size)  # [B, p, p, C]
+    kwargs = {"coords": coords} if m.use_coords else {}
+    if m.num_classes:
+        drop = jax.random.uniform(k_label, batch["label"].shape) < config.train.label_dropout
+        kwargs["labels"] = jnp.where(drop, m.num_classes, batch["label"])
+
+    def net(x_in, c_noise, **kw):
+        return model.apply(
+            {"params": params}, x_in, c_noise, train=True, rngs={"dropout": k_drop}, **kw
+        )
+
+    return net, images, kwargs, k_loss
+
+
 def make_loss_fn(model, config):
     """loss(params, batch, key, patch_size) -> scalar: crops, label dropout, the denoising loss."""
-    d, m = config.diffusion, config.model
-    loss_kwargs = diffusion_build.build_loss_kwargs(d)
-    label_dropout = config.train.label_dropout
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
 
     def loss_fn(params, batch, key, patch_size):
-        k_patch, k_loss, k_drop, k_label = jax.random.split(key, 4)
-        images, coords = random_patches(k_patch, batch["image"], patch_size)  # [B, p, p, C]
-        kwargs = {"coords": coords} if m.use_coords else {}
-        if m.num_classes:
-            drop = jax.random.uniform(k_label, batch["label"].shape) < label_dropout
-            kwargs["labels"] = jnp.where(drop, m.num_classes, batch["label"])
-
-        def net(x_in, c_noise, **kw):
-            return model.apply(
-                {"params": params}, x_in, c_noise, train=True, rngs={"dropout": k_drop}, **kw
-            )
-
+        net, images, kwargs, k_loss = training_inputs(config, model, params, batch, key, patch_size)
         per_example = denoising_loss(net, k_loss, images, **loss_kwargs, **kwargs)
         return jnp.mean(per_example)
 

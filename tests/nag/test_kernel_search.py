@@ -203,9 +203,10 @@ def test_the_whole_command_on_made_up_data_and_its_re_run(tmp_path):
     assert report["winner"]["sotl"] == max(r["sotl"] for r in records)
     names = [row["model"] for row in report["table"]]
     assert names == [
-        "original, before fine-tuning",
+        "original, trained 2 steps (before fine-tuning)",
         "original, fine-tuned 2 steps",
         "winner, fine-tuned 2 steps",
+        "winner, trained from scratch 2 steps",
     ]
     assert all(np.isfinite(row["held-out loss"]) for row in report["table"])
     winner, original = report["table"][2], report["table"][1]
@@ -216,7 +217,9 @@ def test_the_whole_command_on_made_up_data_and_its_re_run(tmp_path):
         "winner.dot",
         "samples/original.png",
         "samples/winner.png",
+        "samples/winner_scratch.png",
         "finetune/winner.msgpack",
+        "finetune/winner_scratch.msgpack",
     ):
         assert (run / name).exists(), name
     # The re-run trains, evaluates and fine-tunes nothing: the same records and report.
