@@ -78,6 +78,7 @@ def nag_section() -> ml_collections.ConfigDict:
     nag.finetune.lr = 1e-3
     nag.finetune.eval_examples = 2000  # held-out images of config.eval.split
     nag.finetune.eval_batch = 250
+    nag.finetune.from_scratch = True  # also train the winner's network from scratch
     return nag
 
 
