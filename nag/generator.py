@@ -43,7 +43,7 @@ import optax
 
 from canvas_jax.graph import KernelGraph, Space
 from canvas_jax.primitives import PRIMITIVES
-from nag.predictor_net import MASK_EPS, soft_reachability
+from nag.predictor_net import MASK_EPS, biased_attention, soft_reachability
 from patchdiff.diffusion.precond import edm_scalings
 from patchdiff.sampling import grids
 from patchdiff.sampling.core import SAMPLERS
@@ -87,7 +87,7 @@ class GraphScoreNet(nn.Module):
         h = h + position + noise[:, None]  # [M, N, H]
         for _ in range(self.layers):
             y = nn.LayerNorm()(h)
-            h = h + self._attention(y, bias)
+            h = h + biased_attention(y, bias, self.hidden, self.heads)
             y = nn.LayerNorm()(h)
             y = y * (1 + nn.Dense(self.hidden)(noise)[:, None])  # noise-level modulation
             h = h + nn.Dense(self.hidden)(nn.gelu(nn.Dense(2 * self.hidden)(y)))
@@ -98,27 +98,6 @@ class GraphScoreNet(nn.Module):
         edge = jnp.einsum("mih,mjh->mij", source, target) / math.sqrt(self.hidden)
         edge = edge + nn.Dense(1)(pairs)[..., 0]  # [M, N, N]
         return edge, ops
-
-    def _attention(self, x, bias):
-        """Multi-head self-attention of x [M, N, H] with an additive bias [M, heads, N, N]."""
-        m, n, _ = x.shape
-        dim = self.hidden // self.heads
-        q, k, v = jnp.split(nn.Dense(3 * self.hidden)(x).reshape(m, n, 3 * self.heads, dim), 3, 2)
-        logits = jnp.einsum("mihd,mjhd->mhij", q, k) / jnp.sqrt(dim) + bias
-        out = jnp.einsum("mhij,mjhd->mihd", jax.nn.softmax(logits, -1), v)
-        return nn.Dense(self.hidden)(out.reshape(m, n, self.hidden))
-
-
-def fixed_adjacency(graphs, space: Space) -> np.ndarray | None:
-    """The adjacency [N, N] that every graph in `graphs` has, or None when they differ."""
-    first = None
-    for graph in graphs:
-        adjacency = graph.encode(space)[0]
-        if first is None:
-            first = adjacency
-        elif not np.array_equal(first, adjacency):
-            return None
-    return first
 
 
 def vp_view(x_adjacency, x_onehot, sigma, beta_min: float = 0.1, beta_max: float = 20.0):
@@ -290,10 +269,11 @@ class GraphDiffusion:
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps, batch_size = {steps}, {batch_size}: both >= 1.")
         encodings = [g.encode(self.space) for g in graphs]  # validates against the space
-        self.adjacency = fixed_adjacency(graphs, self.space)
-        self.train_hashes = {g.canonical_hash() for g in graphs}
         adjacency = np.stack([e[0] for e in encodings])
         onehot = np.stack([e[1] for e in encodings])
+        # One adjacency shared by every training graph (NB201's cell) is fixed, not diffused.
+        self.adjacency = adjacency[0] if (adjacency == adjacency[0]).all() else None
+        self.train_hashes = {g.canonical_hash() for g in graphs}
         data = np.asarray(self.flatten(adjacency, onehot), np.float32)  # [M, F]
 
         self.key, init_key, train_key = jax.random.split(self.key, 3)

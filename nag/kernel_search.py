@@ -31,7 +31,6 @@ report are reused when they match the winner and the settings.
 
 import dataclasses
 import json
-import os
 import pathlib
 import time
 
@@ -45,7 +44,7 @@ from canvas_jax.batch import candidate_params, kernel_params, score_candidates
 from canvas_jax.graph import KernelGraph
 from canvas_jax.sample import Constraints, kernel_shapes, space_from_config
 from nag.predictors import NeuralPredictor, encode_graphs
-from nag.search import read_records
+from nag.search import append_record, open_records, write_atomic
 from nag.settings import (  # noqa: F401 (the settings are part of this module's interface)
     FinetuneSettings,
     GeneratorSettings,
@@ -70,7 +69,6 @@ from patchdiff.train.report import save_grid
 from patchdiff.train.state import create_state, state_shardings
 from patchdiff.train.step import make_train_step
 
-RESULTS = "results.jsonl"
 COLUMNS = ["model", "held-out loss", "params", "GFLOPs/image"]
 # Independent random streams of a search, each folded with the round number.
 STREAMS = ("generator_fit", "generate", "sample", "predictor", "train_graphs")
@@ -241,13 +239,7 @@ def search(
     generator: see `Proposer`.
     """
     s = settings.search
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / RESULTS
-    records = read_records(workdir)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    if path.exists() and path.read_text() != text:
-        _write_atomic(path, text)  # drops a torn last line
+    path, records = open_records(workdir)  # a torn last line dropped
     proposer = Proposer(space, constraints, settings, proxy_fn, generator, log)
     start = time.perf_counter() - (records[-1]["seconds"] if records else 0.0)
     best = max((r for r in records if r["sotl"] is not None), key=lambda r: r["sotl"], default=None)
@@ -296,9 +288,7 @@ def search(
                     "best_hash": None if best is None else best["hash"],
                     "seconds": time.perf_counter() - start,
                 }
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+                append_record(out, record)
                 records.append(record)
             log(
                 f"round {round_}: SoTL-E of {len(todo)} graphs in {time.perf_counter() - tic:.1f} "
@@ -313,16 +303,6 @@ def best_record(records: list[dict]) -> dict:
     if not scored:
         raise ValueError("search: no evaluated graph trained to a finite loss; nothing to report.")
     return max(scored, key=lambda r: r["sotl"])
-
-
-def _write_atomic(path: pathlib.Path, text: str | bytes) -> None:
-    """Writes beside `path`, syncs, then renames over it: a reader sees the old or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 # -- the end-to-end command -----------------------------------------------------------------------
@@ -463,8 +443,8 @@ def _finetuned(folder: pathlib.Path, name: str, meta: dict, make) -> dict:
     if stored.exists() and json.loads(stored.read_text()) == meta:
         return flax.serialization.msgpack_restore((folder / f"{name}.msgpack").read_bytes())
     params = make()
-    _write_atomic(folder / f"{name}.msgpack", flax.serialization.msgpack_serialize(params))
-    _write_atomic(stored, json.dumps(meta, indent=2) + "\n")
+    write_atomic(folder / f"{name}.msgpack", flax.serialization.msgpack_serialize(params))
+    write_atomic(stored, json.dumps(meta, indent=2) + "\n")
     return params
 
 
@@ -568,7 +548,7 @@ def report(config, workdir, base, original_step: int, winner: dict, settings: Se
             for name in [*models, *(["winner_scratch"] if fs.from_scratch else [])]
         },
     }
-    _write_atomic(path, json.dumps(done, indent=2) + "\n")
+    write_atomic(path, json.dumps(done, indent=2) + "\n")
     log(format_table(rows, COLUMNS))
     log(str(graph))
     return done

@@ -30,7 +30,7 @@ from nag import nb201
 from nag.generator import GraphDiffusion
 from nag.guided import PredictorSearch
 
-PRIORS = {"params": lambda cell: cells.network_params(cell), None: None}
+PRIORS = {"params": cells.network_params, None: None}
 
 
 def layout_problem(graph) -> str | None:

@@ -95,7 +95,7 @@ class GraphTransformer(nn.Module):
         h = nn.Dense(self.hidden)(onehot) + position + noise[:, None]  # [M, N, H]
         for _ in range(self.layers):
             y = nn.LayerNorm()(h)
-            h = h + self._attention(y, bias)
+            h = h + biased_attention(y, bias, self.hidden, self.heads)
             y = nn.LayerNorm()(h)
             h = h + nn.Dense(self.hidden)(nn.gelu(nn.Dense(2 * self.hidden)(y)))
         weights = (presence + MASK_EPS) / (presence + MASK_EPS).sum(-1, keepdims=True)
@@ -103,14 +103,17 @@ class GraphTransformer(nn.Module):
         pooled = nn.gelu(nn.Dense(self.hidden)(jnp.concatenate([pooled, noise], -1)))
         return nn.Dense(1)(pooled)[:, 0]
 
-    def _attention(self, x, bias):
-        """Multi-head self-attention of x [M, N, H] with an additive bias [M, heads, N, N]."""
-        m, n, _ = x.shape
-        dim = self.hidden // self.heads  # D
-        q, k, v = jnp.split(nn.Dense(3 * self.hidden)(x).reshape(m, n, 3 * self.heads, dim), 3, 2)
-        logits = jnp.einsum("mihd,mjhd->mhij", q, k) / jnp.sqrt(dim) + bias
-        out = jnp.einsum("mhij,mjhd->mihd", jax.nn.softmax(logits, -1), v)  # [M, N, heads, D]
-        return nn.Dense(self.hidden)(out.reshape(m, n, self.hidden))
+
+def biased_attention(x, bias, hidden: int, heads: int):
+    """Multi-head self-attention of x [M, N, H] with an additive bias [M, heads, N, N], inside the
+    calling module's compact `__call__` (its Dense layers are the caller's submodules); the
+    predictor's and the generator's graph transformers share it."""
+    m, n, _ = x.shape
+    dim = hidden // heads  # D
+    q, k, v = jnp.split(nn.Dense(3 * hidden)(x).reshape(m, n, 3 * heads, dim), 3, 2)
+    logits = jnp.einsum("mihd,mjhd->mhij", q, k) / jnp.sqrt(dim) + bias
+    out = jnp.einsum("mhij,mjhd->mihd", jax.nn.softmax(logits, -1), v)  # [M, N, heads, D]
+    return nn.Dense(hidden)(out.reshape(m, n, hidden))
 
 
 def ensemble_apply(model: nn.Module, params, adjacency, onehot, t):

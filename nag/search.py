@@ -45,11 +45,34 @@ def read_records(workdir) -> list[dict]:
     return records
 
 
-def _rewrite(path: pathlib.Path, records: list[dict]) -> None:
-    """Writes exactly `records` (dropping a torn line) beside the file, then renames it over."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_atomic(path: pathlib.Path, text: str | bytes) -> None:
+    """Writes beside `path`, syncs, then renames over it: a reader sees the old or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def open_records(workdir) -> tuple[pathlib.Path, list[dict]]:
+    """(workdir/results.jsonl, its complete records), the workdir made and a torn last line
+    dropped from the file, so that appending continues after the last complete record."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / RESULTS
+    records = read_records(workdir)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if path.exists() and path.read_text() != text:
+        write_atomic(path, text)
+    return path, records
+
+
+def append_record(out, record: dict) -> None:
+    """One record as a line of the open results file, on disk before this returns."""
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def run_search(
@@ -73,11 +96,7 @@ def run_search(
         raise ValueError(f"budget: at least 1 evaluation; got {budget}.")
     if seconds is not None and seconds <= 0:
         raise ValueError(f"seconds: a positive time budget or None; got {seconds}.")
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / RESULTS
-    records = read_records(workdir)
-    _rewrite(path, records)
+    path, records = open_records(workdir)
     known, best, spent = {}, -np.inf, 0.0
     for record in records:  # replay: the searcher's state as it was
         candidate = to_candidate(record["candidate"])
@@ -109,9 +128,7 @@ def run_search(
                 "best": best,
                 "seconds": time.perf_counter() - start,
             }
-            out.write(json.dumps(record) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            append_record(out, record)
             records.append(record)
             free = 0 if paid else free + 1
             if free > max_free:

@@ -20,6 +20,7 @@ from canvas_jax.graph import Space
 from canvas_jax.sample import Constraints
 from conftest import tiny_config
 from nag import kernel_search as ks
+from nag.search import RESULTS
 from nag.sotl import SotlResult
 from patchdiff.config import ConfigError
 
@@ -154,7 +155,7 @@ def test_a_torn_line_is_redone_once(tmp_path):
     common = dict(evaluate=evaluate, proxy_fn=proxy, generator=FakeGenerator(), log=print)
     one_round = settings(budget=3)
     first = ks.search(tmp_path, SPACE, CONSTRAINTS, one_round, **common)
-    path = tmp_path / ks.RESULTS
+    path = tmp_path / RESULTS
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # the third record torn
     again = ks.search(tmp_path, SPACE, CONSTRAINTS, one_round, **common)
@@ -195,7 +196,7 @@ def test_the_whole_command_on_made_up_data_and_its_re_run(tmp_path):
     lines = []
     report = ks.run(config, tmp_path / "run", log=lines.append)
     run = tmp_path / "run"
-    records = [json.loads(line) for line in (run / "search" / ks.RESULTS).open()]
+    records = [json.loads(line) for line in (run / "search" / RESULTS).open()]
     assert [r["round"] for r in records] == [0, 0] and records[0]["source"] == "sample"
     assert all(np.isfinite(r["sotl"]) and len(r["curve"]) == 2 for r in records)
     # jacov of every graph (NaN = flagged, as the barely trained original's zero output conv is)
