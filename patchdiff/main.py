@@ -2,7 +2,8 @@
 --workdir DIR [--mode train|sample|eval|summary].
 
 Modes: `train` (train, or resume what is in --workdir), `sample` (images from the newest
-checkpoint with config.sample.*), `eval` (denoising error on held-out images), `summary`
+checkpoint with config.sample.*), `eval` (sample quality by EDM's protocol,
+then the denoising error on held-out images), `summary`
 (parameters and FLOPs per image at stem patch sizes 1, 2, 4). Field overrides:
 --config.train.batch_size=64. Everything else lives in the library.
 """
@@ -16,6 +17,9 @@ from ml_collections import config_flags
 
 from patchdiff import config as config_lib
 from patchdiff import summary, train
+from patchdiff.data import DataError
+from patchdiff.metrics import MetricError
+from patchdiff.train.checkpoint import CheckpointError
 from patchdiff.train.evaluate import evaluate
 
 MODES = {
@@ -50,7 +54,14 @@ def main(argv):
         raise SystemExit(f"patchdiff: --mode {FLAGS.mode} needs --workdir DIR.")
     try:
         MODES[FLAGS.mode](config, FLAGS.workdir)
-    except (config_lib.ConfigError, FileNotFoundError, train.TrainingStopped) as e:
+    except (
+        config_lib.ConfigError,
+        DataError,
+        MetricError,
+        CheckpointError,
+        FileNotFoundError,
+        train.TrainingStopped,
+    ) as e:  # the user's to mend: one line, no traceback
         raise SystemExit(f"patchdiff: {e}") from None
 
 

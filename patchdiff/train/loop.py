@@ -21,6 +21,7 @@ from tqdm import tqdm
 from patchdiff import config as config_lib
 from patchdiff import data as data_lib
 from patchdiff import generate
+from patchdiff.metrics.evaluator import SampleEvaluator
 from patchdiff.models import build_model, init_params
 from patchdiff.models.partitioning import REPLICATED_RULES
 from patchdiff.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -91,6 +92,9 @@ def train_and_evaluate(config, workdir) -> dict:
     start = int(state.step)
     train_step = make_train_step(model, optimizer, config, shardings, batch_sharding)
     generator = generate.make_generator(model, config) if tcfg.sample_every else None
+    # Sample quality every eval.every_images images and at the end (references computed once).
+    evaluator = SampleEvaluator(config, model, workdir, mesh) if config.eval.every_images else None
+    best = BestKeeper(workdir / "best", evaluator.main_metric) if evaluator else None
 
     # Data: the plan of step s is a function of s; the loader continues from `position`.
     loader = data_lib.build_loader(config, position)
@@ -124,12 +128,15 @@ def train_and_evaluate(config, workdir) -> dict:
     )
     window = {"start": time.perf_counter(), "images": 0, "metrics": [], "sizes": []}
     step = start
+    images_seen = int(state.nimg)  # images (crops) trained on, the clock of eval.every_images
+    clock = {"start": time.perf_counter(), "other": 0.0}  # training seconds exclude evaluation
     try:
         while step < tcfg.total_steps and stop["signal"] is None:
             patch_size, batch = prefetch.get()
             state, metrics = train_step(state, batch, patch_size)
             step += 1
             window["images"] += batch["image"].shape[0]
+            images_seen += batch["image"].shape[0]
             window["metrics"].append(metrics)
             window["sizes"].append(patch_size)
             if step % tcfg.log_every == 0 or step == tcfg.total_steps:
@@ -150,6 +157,13 @@ def train_and_evaluate(config, workdir) -> dict:
                     positions.pop(old, None)
             if generator is not None and step % tcfg.sample_every == 0 and primary:
                 _sample_grid(generator, state, config, workdir, step)
+            every = config.eval.every_images
+            due = every and (
+                images_seen // every > (images_seen - batch["image"].shape[0]) // every
+                or step == tcfg.total_steps
+            )
+            if evaluator is not None and due and int(state.bad_step) < 0:
+                _evaluate(evaluator, best, state, step, images_seen, clock, writer, bar)
         if stop["signal"] is not None:
             print(
                 f"stopping at step {step} on signal {stop['signal']}: saving a checkpoint",
@@ -191,6 +205,61 @@ def _report(window, bad_step, step) -> dict:
     return report
 
 
+def _evaluate(evaluator, best, state, step, images_seen, clock, writer, bar):
+    """Sample-quality metrics of the EMA at `step`, logged; the best EMA so far kept."""
+    t = time.perf_counter()
+    result = evaluator(state.ema)
+    seconds = time.perf_counter() - t
+    train_seconds = t - clock["start"] - clock["other"]
+    clock["other"] += seconds
+    record = {**result, "eval_seconds": seconds, "train_seconds": train_seconds}
+    record["images_seen"] = images_seen
+    writer.write(step, record)
+    best.offer(step, result[best.metric], state.ema)
+    text = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+    (bar.write if not bar.disable else print)(f"step {step}: {text} ({seconds:.0f} s)")
+
+
+class BestKeeper:
+    """Keeps the EMA parameters of the best evaluation so far in `folder`: folder/step_N (orbax)
+    and folder/best.json ({"step", metric: value}), replaced only after the new copy is whole."""
+
+    def __init__(self, folder, metric: str):
+        import json
+
+        self.folder, self.metric = pathlib.Path(folder).absolute(), metric
+        self.record = self.folder / "best.json"
+        self.value = float("inf")
+        if self.record.is_file():
+            saved = json.loads(self.record.read_text())
+            self.value = saved.get(metric, float("inf"))
+
+    def offer(self, step: int, value: float, ema) -> bool:
+        import json
+        import shutil
+
+        import orbax.checkpoint as ocp
+
+        if not value < self.value:
+            return False
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"step_{step}"
+        if target.exists():
+            shutil.rmtree(target)
+        with ocp.StandardCheckpointer() as saver:
+            saver.save(target, ema)
+            saver.wait_until_finished()
+        if jax.process_index() == 0:
+            tmp = self.record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": step, self.metric: value}) + "\n")
+            tmp.replace(self.record)  # the record points at a whole copy
+            for old in self.folder.glob("step_*"):
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.value = value
+        return True
+
+
 def _sample_grid(generator, state, config, workdir, step):
     images, _ = generate.generate_all(generator, state.ema, config, config.sample.num_images)
     save_grid(images, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
@@ -221,12 +290,25 @@ def restore_latest(config, workdir):
 
 def sample(config, workdir) -> pathlib.Path:
     """`--mode sample`: config.sample.num_images images from the newest checkpoint's EMA, as PNG
-    files, images.npz and grid.png under WORKDIR/generated/."""
+    files (written batch by batch, so 50k images for another project's FID tool never sit in
+    memory at once), images.npz (when under 2 GB) and grid.png under WORKDIR/generated/."""
     model, state, meta = restore_latest(config, workdir)
     generator = generate.make_generator(model, config)
-    images, labels = generate.generate_all(generator, state.ema, config, config.sample.num_images)
     s = config.sample
     name = f"step{meta['step']}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}"
-    folder = generate.write_samples(images, labels, pathlib.Path(workdir) / "generated" / name)
-    print(f"wrote {len(images)} images to {folder}")
+    folder = pathlib.Path(workdir) / "generated" / name
+    pixels = s.num_images * config.data.resolution**2 * config.data.channels
+    keep = pixels < 2**31
+    kept, written = [], 0
+    bar = tqdm(total=s.num_images, unit="img", disable=None, dynamic_ncols=True)
+    for first, images in generate.generate_batches(generator, state.ema, config, s.num_images):
+        generate.write_pngs(images, folder, first)
+        if keep or first == 0:
+            kept.append(images)
+        written += len(images)
+        bar.update(len(images))
+    bar.close()
+    labels = np.asarray(generate.labels_for(config, 0, s.num_images))
+    generate.write_summary(np.concatenate(kept), labels, folder, npz=keep)
+    print(f"wrote {written} images to {folder}")
     return folder

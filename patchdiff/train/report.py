@@ -39,8 +39,11 @@ class MetricsWriter:
 
 
 def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float images -> uint8 [N, H, W, C]."""
-    return np.clip(np.rint((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+    """[-1, 1] float images -> uint8 [N, H, W, C], EDM's rule: (x * 127.5 + 128) clipped to
+    [0, 255] and truncated (`generate.py` of NVlabs/edm), so that quantised samples, and the
+    metrics measured on them, are the ones EDM's figures are made from."""
+    scaled = np.asarray(images, np.float32) * 127.5 + 128
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def save_grid(images, path) -> pathlib.Path:

@@ -60,6 +60,7 @@ def tiny_config(data_path, patches=False, **train_fields):
     config.sample.steps = 4
     config.sample.num_images = 6
     config.sample.batch_size = 6
+    config.eval.sample_quality = False  # sample quality has its own tests (tests/metrics)
     for name, value in train_fields.items():
         setattr(config.train, name, value)
     return config
