@@ -62,6 +62,7 @@ setuptools.setup(
             "nag.*",
         ]
     ),
+    package_data={"patchdiff.metrics": ["*.npz"]},  # the fd_fmnist classifier's weights
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require=EXTRAS,
