@@ -264,6 +264,11 @@ def _positive_int(field, value):
     _check(_is_int(value) and value > 0, field, value, "it must be a positive integer")
 
 
+def _zero_or_count(field, value, allowed: str):
+    """An integer >= 0 where 0 means off or all; `allowed` says which, in the error."""
+    _check(_is_int(value) and value >= 0, field, value, allowed)
+
+
 def _validate_train(config):
     from patchdiff.train.optim import LR_SCHEDULES
 
@@ -294,12 +299,8 @@ def _validate_train(config):
     )
     _positive_int("train.log_every", t.log_every)
     for name in ("checkpoint_every", "sample_every"):
-        value = t[name]
-        _check(
-            _is_int(value) and value >= 0,
-            f"train.{name}",
-            value,
-            "it must be 0 (never) or a positive number of steps",
+        _zero_or_count(
+            f"train.{name}", t[name], "it must be 0 (never) or a positive number of steps"
         )
     _positive_int("train.keep_checkpoints", t.keep_checkpoints)
     _positive_int("mesh.model", config.mesh.model)
@@ -323,8 +324,7 @@ def _validate_eval(config):
     e = config.eval
     _positive_int("eval.num_examples", e.num_examples)
     _positive_int("eval.num_sigmas", e.num_sigmas)
-    _check(
-        _is_int(e.every_images) and e.every_images >= 0,
+    _zero_or_count(
         "eval.every_images",
         e.every_images,
         "it must be 0 (never) or a positive number of training images",
@@ -352,14 +352,10 @@ def _validate_eval(config):
     _one_of("eval.sampler", e.sampler, SAMPLERS.names())
     _positive_int("eval.steps", e.steps)
     _positive_int("eval.repeats", e.repeats)
-    _check(
-        _is_int(e.ref_num) and e.ref_num >= 0,
-        "eval.ref_num",
-        e.ref_num,
-        "it must be 0 (every image of the split) or a positive count",
+    _zero_or_count(
+        "eval.ref_num", e.ref_num, "it must be 0 (every image of the split) or a positive count"
     )
-    _check(
-        _is_int(e.ref_features) and e.ref_features >= 0,
+    _zero_or_count(
         "eval.ref_features",
         e.ref_features,
         "it must be 0 or a positive count of reference features kept for KID and PR",
