@@ -56,6 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.adam_eps = 1e-8
     config.train.grad_clip = 0.0  # global-norm clipping; 0 = off
     config.train.grad_accum = 1  # micro-batches per step (same update, less memory)
+    # Log the gradient noise scale (McCandlish et al. 2018) from two half batches per step.
+    config.train.grad_noise_scale = True
+    # Stop (with a checkpoint) after this many seconds of training, evaluation excluded and
+    # counted across resumes: equal-time comparisons, cluster time limits. 0 = no limit.
+    config.train.time_limit_s = 0.0
     config.train.ema_halflife_img = 500_000
     config.train.ema_rampup_ratio = 0.05  # 0 = off
     config.train.ema_decay = 0.0  # > 0: a fixed decay per step instead of the half-life

@@ -290,6 +290,26 @@ def _validate_train(config):
         f"it must divide config.train.batch_size = {t.batch_size}",
     )
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be 0 (off) or positive")
+    _check(
+        isinstance(t.grad_noise_scale, bool),
+        "train.grad_noise_scale",
+        t.grad_noise_scale,
+        "it must be True or False",
+    )
+    if t.grad_noise_scale and t.grad_accum == 1:
+        _check(
+            t.batch_size % 2 == 0,
+            "train.batch_size",
+            t.batch_size,
+            "it must be even while config.train.grad_noise_scale is on (the noise scale compares "
+            "the gradients of two half batches); set grad_noise_scale = False for an odd batch",
+        )
+    _check(
+        t.time_limit_s >= 0,
+        "train.time_limit_s",
+        t.time_limit_s,
+        "it must be 0 (no limit) or a positive number of training seconds",
+    )
     _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "it must lie in [0, 1)")
     _check(
         t.ema_halflife_img > 0, "train.ema_halflife_img", t.ema_halflife_img, "it must be positive"

@@ -110,6 +110,8 @@ BAD = [
     ("sample.steps", 0, "config.sample.steps = 0 is not allowed: it must be a positive integer"),
     ("train.lr_schedule", "step", "it must be one of constant, edm_rampup, warmup_cosine"),
     ("train.grad_accum", 3, "it must divide config.train.batch_size = 512"),
+    ("train.batch_size", 511, "it must be even while config.train.grad_noise_scale is on"),
+    ("train.time_limit_s", -1.0, "it must be 0 (no limit) or a positive number of training"),
     ("train.batch_size", 0, "config.train.batch_size = 0 is not allowed"),
     ("train.ema_decay", 1.0, "config.train.ema_decay = 1.0 is not allowed: it must lie in [0, 1)"),
     (

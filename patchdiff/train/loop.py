@@ -63,10 +63,10 @@ def _restore_or_init(checkpointer, model, optimizer, config, shardings, abstract
     if restored is not None:
         state, meta = restored
         logging.info("resumed from step %d", meta["step"])
-        return state, meta["position"]
+        return state, meta["position"], meta.get("train_seconds", 0.0)
     params = init_params(model, jax.random.PRNGKey(config.seed), config)
     state = jax.device_put(create_state(model, optimizer, config, params), shardings)
-    return state, 0
+    return state, 0, 0.0
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -88,7 +88,9 @@ def train_and_evaluate(config, workdir) -> dict:
     checkpointer = Checkpointer(
         workdir / "checkpoints", keep=tcfg.keep_checkpoints, every=tcfg.checkpoint_every
     )
-    state, position = _restore_or_init(checkpointer, model, optimizer, config, shardings, abstract)
+    state, position, trained_s = _restore_or_init(
+        checkpointer, model, optimizer, config, shardings, abstract
+    )
     start = int(state.step)
     train_step = make_train_step(model, optimizer, config, shardings, batch_sharding)
     generator = generate.make_generator(model, config) if tcfg.sample_every else None
@@ -114,12 +116,20 @@ def train_and_evaluate(config, workdir) -> dict:
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
 
+    # Training seconds (evaluation and sample grids excluded), carried across resumes: the
+    # clock of train.time_limit_s and of the metrics' train_seconds.
+    clock = {"start": time.perf_counter() - trained_s, "other": 0.0}
+
+    def train_seconds():
+        return time.perf_counter() - clock["start"] - clock["other"]
+
     def meta(step):
         return {
             "step": step,
             "position": positions[step],
             "config": config.to_dict(),
             "skipped_images": loader.skipped,
+            "train_seconds": train_seconds(),
         }
 
     writer = MetricsWriter(workdir, enabled=primary)
@@ -129,9 +139,9 @@ def train_and_evaluate(config, workdir) -> dict:
     window = {"start": time.perf_counter(), "images": 0, "metrics": [], "sizes": []}
     step = start
     images_seen = int(state.nimg)  # images (crops) trained on, the clock of eval.every_images
-    clock = {"start": time.perf_counter(), "other": 0.0}  # training seconds exclude evaluation
+    out_of_time = bool(tcfg.time_limit_s) and trained_s >= tcfg.time_limit_s
     try:
-        while step < tcfg.total_steps and stop["signal"] is None:
+        while step < tcfg.total_steps and stop["signal"] is None and not out_of_time:
             patch_size, batch = prefetch.get()
             state, metrics = train_step(state, batch, patch_size)
             step += 1
@@ -139,7 +149,11 @@ def train_and_evaluate(config, workdir) -> dict:
             images_seen += batch["image"].shape[0]
             window["metrics"].append(metrics)
             window["sizes"].append(patch_size)
-            if step % tcfg.log_every == 0 or step == tcfg.total_steps:
+            if tcfg.time_limit_s:
+                jax.block_until_ready(state.step)  # the limit counts finished steps
+                out_of_time = train_seconds() >= tcfg.time_limit_s
+            last = step == tcfg.total_steps or out_of_time
+            if step % tcfg.log_every == 0 or last:
                 report = _report(window, int(state.bad_step), step)
                 writer.write(step, report)
                 bar.set_postfix(loss=f"{report['loss']:.4f}", img_s=f"{report['img_per_s']:.1f}")
@@ -152,21 +166,30 @@ def train_and_evaluate(config, workdir) -> dict:
                     )
             if step % max(tcfg.checkpoint_every, 1) == 0 and int(state.bad_step) >= 0:
                 _report(window, int(state.bad_step), step)  # raises: never save past a bad step
-            if checkpointer.save(step, state, meta(step)):
+            if checkpointer.save(step, state, meta(step), force=out_of_time):
                 for old in [s for s in list(positions) if s < step]:  # atomic copy
                     positions.pop(old, None)
             if generator is not None and step % tcfg.sample_every == 0 and primary:
+                t = time.perf_counter()
                 _sample_grid(generator, state, config, workdir, step)
+                _pause(clock, window, time.perf_counter() - t)
             every = config.eval.every_images
             due = every and (
-                images_seen // every > (images_seen - batch["image"].shape[0]) // every
-                or step == tcfg.total_steps
+                images_seen // every > (images_seen - batch["image"].shape[0]) // every or last
             )
             if evaluator is not None and due and int(state.bad_step) < 0:
-                _evaluate(evaluator, best, state, step, images_seen, clock, writer, bar)
+                t = time.perf_counter()
+                _evaluate(evaluator, best, state, step, images_seen, train_seconds(), writer, bar)
+                _pause(clock, window, time.perf_counter() - t)
         if stop["signal"] is not None:
             print(
                 f"stopping at step {step} on signal {stop['signal']}: saving a checkpoint",
+                file=sys.stderr,
+            )
+        elif out_of_time and step < tcfg.total_steps:
+            print(
+                f"stopping at step {step}: {train_seconds():.0f} s of training reached "
+                f"config.train.time_limit_s = {tcfg.time_limit_s:g}",
                 file=sys.stderr,
             )
         if int(state.bad_step) < 0:
@@ -179,6 +202,12 @@ def train_and_evaluate(config, workdir) -> dict:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return {"step": step, "state": state}
+
+
+def _pause(clock, window, seconds):
+    """Takes `seconds` of sampling or evaluation out of the training clock and the img/s window."""
+    clock["other"] += seconds
+    window["start"] += seconds
 
 
 def _report(window, bad_step, step) -> dict:
@@ -198,6 +227,12 @@ def _report(window, bad_step, step) -> dict:
         "img_per_s": window["images"] / seconds,
         "step_time_s": seconds / len(metrics),
     }
+    if "grad_trace_cov" in metrics[0]:
+        # B_simple (McCandlish et al.): the batch size beyond which larger batches stop paying;
+        # a ratio of the window's means, as each step's estimates are noisy and can be negative.
+        trace_cov = np.mean([m["grad_trace_cov"] for m in metrics])
+        sq_norm = np.mean([m["grad_sq_norm"] for m in metrics])
+        report["grad_noise_scale"] = float(trace_cov / sq_norm)
     for size in sorted(set(window["sizes"])):
         losses = [m["loss"] for m, s in zip(metrics, window["sizes"], strict=True) if s == size]
         report[f"loss_patch{size}"] = float(np.mean(losses))
@@ -205,13 +240,11 @@ def _report(window, bad_step, step) -> dict:
     return report
 
 
-def _evaluate(evaluator, best, state, step, images_seen, clock, writer, bar):
+def _evaluate(evaluator, best, state, step, images_seen, train_seconds, writer, bar):
     """Sample-quality metrics of the EMA at `step`, logged; the best EMA so far kept."""
     t = time.perf_counter()
     result = evaluator(state.ema)
     seconds = time.perf_counter() - t
-    train_seconds = t - clock["start"] - clock["other"]
-    clock["other"] += seconds
     record = {**result, "eval_seconds": seconds, "train_seconds": train_seconds}
     record["images_seen"] = images_seen
     writer.write(step, record)
@@ -291,7 +324,8 @@ def restore_latest(config, workdir):
 def sample(config, workdir) -> pathlib.Path:
     """`--mode sample`: config.sample.num_images images from the newest checkpoint's EMA, as PNG
     files (written batch by batch, so 50k images for another project's FID tool never sit in
-    memory at once), images.npz (when under 2 GB) and grid.png under WORKDIR/generated/."""
+    memory at once) and images.npz (when under 2 GB) in WORKDIR/generated/NAME/, and the grid
+    of the first 64 beside that folder as NAME_grid.png."""
     model, state, meta = restore_latest(config, workdir)
     generator = generate.make_generator(model, config)
     s = config.sample

@@ -5,6 +5,15 @@ loss -> grads (optionally over micro-batches) -> Adam with the step's learning r
 whose loss or gradient norm is not finite leaves the state as it was and records its number in
 `state.bad_step`, which the loop checks at its next report: no host sync per step.
 
+The gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training",
+Appendix A.1; k-diffusion logs it as `gns`) needs the squared gradient norm at two batch sizes.
+k-diffusion takes each GPU's gradient as the small batch, which says nothing on one device; here
+the step's batch is split into groups (the micro-batches when train.grad_accum > 1, otherwise
+its two halves, whose gradients come from one `vmap`, so the convolutions still see the whole
+batch), and the step returns the two unbiased estimates per step:
+|G|^2 = (B |g_B|^2 - b |g_b|^2) / (B - b) and tr(Sigma) = (|g_b|^2 - |g_B|^2) / (1/b - 1/B),
+with |g_b|^2 the mean over groups. The loop reports B_simple = mean tr(Sigma) / mean |G|^2.
+
 Glossary: B batch, R resolution, p patch size, C channels.
 """
 
@@ -51,33 +60,56 @@ def make_loss_fn(model, config):
     return loss_fn
 
 
+def noise_estimates(sq_small, sq_big, small: int, big: int) -> dict:
+    """Unbiased estimates of |G|^2 and tr(Sigma) from squared gradient norms at batch sizes
+    small < big (McCandlish et al. 2018, Eqs. A.2-A.3)."""
+    return {
+        "grad_sq_norm": (big * sq_big - small * sq_small) / (big - small),
+        "grad_trace_cov": (sq_small - sq_big) / (1 / small - 1 / big),
+    }
+
+
 def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
     """step(state, batch, patch_size) -> (state, metrics), jitted with `patch_size` static."""
     loss_fn = make_loss_fn(model, config)
     tcfg = config.train
     accum = tcfg.grad_accum
 
+    groups = accum if accum > 1 else (2 if tcfg.grad_noise_scale else 1)
+
     def grads_of(params, batch, key, patch_size):
-        if accum == 1:
-            return jax.value_and_grad(loss_fn)(params, batch, key, patch_size)
+        """(loss, grads, mean squared norm of the groups' gradients or None)."""
+        if groups == 1:
+            return (*jax.value_and_grad(loss_fn)(params, batch, key, patch_size), None)
+        value_and_grad = jax.value_and_grad(lambda p, b, k: loss_fn(p, b, k, patch_size))
+        if accum == 1:  # the two halves in one vmapped program
+            # [B] -> [2, B/2]: a data-sharded batch splits along its device tiles, no copies
+            halves = jax.tree.map(lambda a: a.reshape(2, a.shape[0] // 2, *a.shape[1:]), batch)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(2))
+            losses, grads = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(params, halves, keys)
+            sq = jax.vmap(lambda g: optax.tree.norm(g, squared=True))(grads)
+            return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, 0), grads), jnp.mean(sq)
         micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
 
         def add(carry, inputs):
             i, mb = inputs
-            loss, grads = jax.value_and_grad(loss_fn)(
-                params, mb, jax.random.fold_in(key, i), patch_size
-            )
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            loss, grads = value_and_grad(params, mb, jax.random.fold_in(key, i))
+            sq = optax.tree.norm(grads, squared=True)
+            return jax.tree.map(jnp.add, carry, (loss, grads, sq)), None
 
-        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(add, zero, (jnp.arange(accum), micro))
-        return jax.tree.map(lambda a: a / accum, (loss, grads))
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
+        (loss, grads, sq), _ = jax.lax.scan(add, zero, (jnp.arange(accum), micro))
+        return jax.tree.map(lambda a: a / accum, (loss, grads, sq))
 
     def step(state, batch, patch_size):
         key = jax.random.fold_in(state.key, state.step)
-        loss, grads = grads_of(state.params, batch, key, patch_size)
+        loss, grads, group_sq = grads_of(state.params, batch, key, patch_size)
         grad_norm = optax.tree.norm(grads)
         batch_images = batch["image"].shape[0]
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if group_sq is not None:
+            metrics.update(noise_estimates(group_sq, grad_norm**2, batch_images // groups,
+                                           batch_images))  # fmt: skip
         lr = learning_rate(tcfg, state.step, state.nimg)
         opt_state = state.opt_state
         opt_state.hyperparams["learning_rate"] = lr
@@ -96,7 +128,7 @@ def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
             opt_state=keep(opt_state, state.opt_state),
             bad_step=jnp.where(ok | (state.bad_step >= 0), state.bad_step, state.step),
         )
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return new_state, {**metrics, "lr": lr}
 
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     return jax.jit(

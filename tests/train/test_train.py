@@ -95,7 +95,8 @@ def test_sample_mode_writes_images_with_any_sampler(trained):
     config.sample.guidance_scale = 2.0
     config.sample.num_images = 5
     folder = train.sample(config, run)
-    assert len(list(folder.glob("0*.png"))) == 5
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    assert (folder.parent / f"{folder.name}_grid.png").is_file()  # beside: the folder is images
     with np.load(folder / "images.npz") as saved:
         assert saved["images"].shape == (5, 16, 16, 3) and saved["images"].dtype == np.uint8
         assert list(saved["labels"]) == [0, 1, 2, 0, 1]
@@ -131,9 +132,10 @@ def start_cli(workdir, data, *overrides):
         *overrides,
     ]
     # One CPU device in both runs ("same device count"): compiling for 8 fake devices is slower.
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1"
-    )
+    from conftest import TEST_XLA_FLAGS  # here: tiny_config.py imports this module in the child
+
+    flags = f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -157,16 +159,16 @@ def run_cli(workdir, data, steps, wait_for_checkpoint=None):
 
 def test_a_run_killed_with_sigkill_resumes_bitwise_exactly(tmp_path):
     data = make_data(tmp_path / "d.npz")
-    run_cli(tmp_path / "straight", data, 10)
-    run_cli(tmp_path / "killed", data, 10, wait_for_checkpoint=5)
+    run_cli(tmp_path / "straight", data, 8)
+    run_cli(tmp_path / "killed", data, 8, wait_for_checkpoint=4)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "killed" / "checkpoints") if s.isdigit())
-    assert 5 in saved and 10 not in saved
-    run_cli(tmp_path / "killed", data, 10)  # resumes from the newest complete checkpoint
+    assert 4 in saved and 8 not in saved
+    run_cli(tmp_path / "killed", data, 8)  # resumes from the newest complete checkpoint
     config = tiny_config(data)
     config.train.checkpoint_every = 1
     _, a, meta_a = restore_latest(config, tmp_path / "straight")
     _, b, meta_b = restore_latest(config, tmp_path / "killed")
-    assert meta_a["step"] == meta_b["step"] == 10
+    assert meta_a["step"] == meta_b["step"] == 8
     assert meta_a["position"] == meta_b["position"]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -182,6 +184,43 @@ def test_a_checkpoint_of_another_shape_is_refused_by_name(trained):
         r"config has 16",
     ):
         train.train_and_evaluate(other, run)
+
+
+def test_a_time_limit_stops_with_a_checkpoint_and_holds_across_resumes(trained, tmp_path, capsys):
+    config, run, _ = trained
+    shutil.copytree(run, tmp_path / "run")
+    _, _, meta = restore_latest(config, tmp_path / "run")
+    assert meta["step"] == 6 and meta["train_seconds"] > 0  # training seconds are checkpointed
+    limited = config.copy_and_resolve_references()
+    limited.train.total_steps = 12
+    limited.train.time_limit_s = meta["train_seconds"] + 1e-6  # reached by the next step
+    assert train.train_and_evaluate(limited, tmp_path / "run")["step"] == 7
+    assert "stopping at step 7" in capsys.readouterr().err
+    _, _, meta = restore_latest(limited, tmp_path / "run")
+    assert meta["step"] == 7 and meta["train_seconds"] >= limited.train.time_limit_s
+    # the budget counts across resumes: nothing is left, so no step is taken
+    assert train.train_and_evaluate(limited, tmp_path / "run")["step"] == 7
+
+
+def test_noise_estimates_are_unbiased():
+    """McCandlish et al.'s estimators from squared norms at two batch sizes recover |G|^2 and
+    tr(Sigma) of per-example gradients G + noise (averaged over many draws)."""
+    from patchdiff.train.step import noise_estimates
+
+    rng = np.random.default_rng(0)
+    d, big, small = 20, 16, 8
+    mean = rng.standard_normal(d) * 0.5  # |G|^2 ~ 5
+    scales = rng.uniform(0.5, 2.0, d)  # tr(Sigma) = sum of squares
+    sq_norm, trace = [], []
+    for _ in range(4000):
+        per_example = mean + rng.standard_normal((big, d)) * scales
+        halves = per_example.reshape(2, small, d).mean(1)
+        out = noise_estimates(np.mean(np.sum(halves**2, 1)),
+                              np.sum(per_example.mean(0) ** 2), small, big)  # fmt: skip
+        sq_norm.append(out["grad_sq_norm"])
+        trace.append(out["grad_trace_cov"])
+    assert np.mean(sq_norm) == pytest.approx(np.sum(mean**2), rel=0.05)
+    assert np.mean(trace) == pytest.approx(np.sum(scales**2), rel=0.05)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog):
