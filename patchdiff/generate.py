@@ -127,9 +127,10 @@ def write_pngs(images, folder, start: int = 0) -> pathlib.Path:
 
 
 def write_summary(images, labels, folder, npz: bool = True) -> pathlib.Path:
-    """grid.png of the first 64 images and, with `npz`, all of them in images.npz."""
+    """FOLDER_grid.png (beside the folder, which then holds only the images, ready for any FID
+    tool) of the first 64 images and, with `npz`, all of them in FOLDER/images.npz."""
     folder = pathlib.Path(folder)
     if npz:
         np.savez(folder / "images.npz", images=images, labels=labels[: len(images)])
-    save_grid(images[:64], folder / "grid.png")
+    save_grid(images[:64], folder.parent / f"{folder.name}_grid.png")
     return folder

@@ -194,24 +194,33 @@ def load_reference(path, extractor: str | None = None, dim: int | None = None) -
     )
 
 
-def read_images(path) -> np.ndarray:
-    """uint8 [N, H, W, C] from a folder of PNG/JPEG files (sorted by name) or an .npz holding
-    `images` or `arr_0` (ADM's and EDM's sample files)."""
+def image_batches(path, num: int = 0, batch: int = 500):
+    """Yields uint8 [n, H, W, C] batches of the first `num` images (0: all) of a folder of
+    PNG/JPEG files (sorted by name, decoded a batch at a time, so 50k images never sit in memory
+    at once) or of an .npz holding `images` or `arr_0` (ADM's and EDM's sample files)."""
     from patchdiff.data.sources import CorruptImage, DataError, FolderSource
 
     path = pathlib.Path(path)
     if path.is_dir():
         source = FolderSource(path)
-        images = []
-        for i in range(len(source)):
-            try:
-                images.append(source[i][0])
-            except CorruptImage as e:
-                raise DataError(f"cannot read {e}") from None
-        shapes = {im.shape for im in images}
-        if len(shapes) > 1:
-            raise DataError(f"images under {path} differ in size: {sorted(shapes)[:3]}.")
-        images = np.stack(images)
+        total = _count(num, len(source), path)
+        shape = None
+        for start in range(0, total, batch):
+            images = []
+            for i in range(start, min(start + batch, total)):
+                try:
+                    image = source[i][0]
+                except CorruptImage as e:
+                    raise DataError(f"cannot read {e}") from None
+                image = image[..., None] if image.ndim == 2 else image
+                if shape is not None and image.shape != shape:
+                    raise DataError(
+                        f"images under {path} differ in size: {source.files[i].name} is "
+                        f"{image.shape}, {source.files[0].name} {shape}."
+                    )
+                shape = image.shape
+                images.append(image)
+            yield _checked(np.stack(images), path)
     elif path.is_file():
         try:
             with np.load(path) as z:
@@ -221,10 +230,25 @@ def read_images(path) -> np.ndarray:
                 images = z[key]
         except (OSError, ValueError) as e:
             raise DataError(f"{path} cannot be read as .npz ({e}).") from None
+        images = _checked(images[..., None] if images.ndim == 3 else images, path)
+        total = _count(num, len(images), path)
+        for start in range(0, total, batch):
+            yield images[start : min(start + batch, total)]
     else:
         raise DataError(f"--images {str(path)!r} is neither a folder nor an .npz file.")
-    if images.ndim == 3:
-        images = images[..., None]
+
+
+def _count(num: int, available: int, path) -> int:
+    from patchdiff.data.sources import DataError
+
+    if num > available:
+        raise DataError(f"--num {num}: {path} holds only {available} images.")
+    return num or available
+
+
+def _checked(images, path) -> np.ndarray:
+    from patchdiff.data.sources import DataError
+
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DataError(
             f"{path}: images must be uint8 [N, H, W, 1 or 3]; got {images.dtype} {images.shape}."
@@ -232,11 +256,20 @@ def read_images(path) -> np.ndarray:
     return images
 
 
+def read_images(path, num: int = 0) -> np.ndarray:
+    """All (or the first `num`) images of `image_batches(path)` as one uint8 [N, H, W, C]."""
+    return np.concatenate(list(image_batches(path, num)))
+
+
 def stats_of(features_fn, images, batch: int = 500, keep: int = 0) -> FeatureStats:
-    """FeatureStats of uint8 images [N, H, W, C] through `features_fn`, `batch` at a time."""
+    """FeatureStats through `features_fn` of uint8 images [N, H, W, C], `batch` at a time, or
+    of an iterable of such batches."""
     stats = FeatureStats(features_fn.dim, keep)
-    for start in range(0, len(images), batch):
-        stats.add(features_fn(images[start : start + batch]))
+    chunks = images
+    if isinstance(images, np.ndarray):
+        chunks = (images[start : start + batch] for start in range(0, len(images), batch))
+    for chunk in chunks:
+        stats.add(features_fn(chunk))
     return stats
 
 
@@ -277,17 +310,13 @@ def main(argv=None):
 
     try:
         ref = load_reference(args.ref)
-        images = read_images(args.images)
-        if args.num:
-            if args.num > len(images):
-                raise ValueError(f"--num {args.num}: {args.images} holds only {len(images)}.")
-            images = images[: args.num]
         features = EXTRACTORS.get(ref.extractor)(args.weights)
         metrics = ["fid" if ref.extractor == "inception" else "fd_fmnist"]
         if ref.features is not None and ref.extractor == "inception":
             metrics += ["kid", "pr"]
-        keep = len(images) if len(metrics) > 1 else 0
-        result = score(stats_of(features, images, keep=keep), ref, metrics)
+        keep = 10**9 if len(metrics) > 1 else 0  # KID and PR need every image's features
+        result = score(stats_of(features, image_batches(args.images, args.num), keep=keep),
+                       ref, metrics)  # fmt: skip
     except (OSError, ValueError) as e:  # DataError is a ValueError
         raise SystemExit(f"patchdiff: {e}") from None
     for name, value in result.items():
