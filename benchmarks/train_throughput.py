@@ -4,6 +4,7 @@ float32 vs bfloat16 compute, on the present device(s).
     python -m benchmarks.train_throughput                       # all devices of this process
     python -m benchmarks.train_throughput --devices 1,8         # CPU: 1 vs 8 fake devices
     python -m benchmarks.train_throughput --batch 256 --steps 20   # on a GPU
+    python -m benchmarks.train_throughput --gns on,off   # the gradient noise scale's cost
 
 Each row runs the real jitted train step (loss, gradients, Adam, EMA, sharded over a data mesh)
 on a synthetic batch already on the devices, so it measures the step and not the input
@@ -17,6 +18,7 @@ benchmarks/results/train_throughput.json (or --out).
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -127,16 +129,18 @@ def run_here(args) -> list[dict]:
     rows = []
     for dtype in args.dtypes.split(","):
         peak, peak_source = device_peak(dtype, args.peak_tflops)
-        for mode in args.modes.split(","):
+        for mode, gns in itertools.product(args.modes.split(","), args.gns.split(",")):
             config = load_config(args.config)
             config.model.dtype = dtype
             config.train.batch_size = args.batch
+            config.train.grad_noise_scale = gns == "on"
             result = measure(config, mode, args.steps)
             rows.append(
                 {
                     "devices": jax.device_count(),
                     "mode": mode,
                     "dtype": dtype,
+                    "gns": gns,
                     **result,
                     "mfu": result["tflops_per_s"] / peak,
                     "peak_tflops": peak,
@@ -158,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--modes", default="full,patch")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--gns", default="on", help="on,off: the step with and without the "
+                        "gradient noise scale's two half-batch gradients")  # fmt: skip
     parser.add_argument("--devices", default="", help="e.g. 1,8: one subprocess per count (CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--out", default=None)
@@ -184,6 +190,8 @@ def main(argv=None):
                 args.modes,
                 "--dtypes",
                 args.dtypes,
+                "--gns",
+                args.gns,
                 "--rows-only",
             ]
             if args.peak_tflops:
@@ -213,6 +221,7 @@ def main(argv=None):
                 "devices",
                 "mode",
                 "dtype",
+                "gns",
                 "examples_per_s",
                 "step_s",
                 "tflops_per_s",

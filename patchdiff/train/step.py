@@ -9,8 +9,7 @@ The gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-B
 Appendix A.1; k-diffusion logs it as `gns`) needs the squared gradient norm at two batch sizes.
 k-diffusion takes each GPU's gradient as the small batch, which says nothing on one device; here
 the step's batch is split into groups (the micro-batches when train.grad_accum > 1, otherwise
-its two halves, whose gradients come from one `vmap`, so the convolutions still see the whole
-batch), and the step returns the two unbiased estimates per step:
+its two halves), and the step returns the two unbiased estimates per step:
 |G|^2 = (B |g_B|^2 - b |g_b|^2) / (B - b) and tr(Sigma) = (|g_b|^2 - |g_B|^2) / (1/b - 1/B),
 with |g_b|^2 the mean over groups. The loop reports B_simple = mean tr(Sigma) / mean |G|^2.
 
@@ -81,25 +80,34 @@ def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
         """(loss, grads, mean squared norm of the groups' gradients or None)."""
         if groups == 1:
             return (*jax.value_and_grad(loss_fn)(params, batch, key, patch_size), None)
-        value_and_grad = jax.value_and_grad(lambda p, b, k: loss_fn(p, b, k, patch_size))
-        if accum == 1:  # the two halves in one vmapped program
-            # [B] -> [2, B/2]: a data-sharded batch splits along its device tiles, no copies
-            halves = jax.tree.map(lambda a: a.reshape(2, a.shape[0] // 2, *a.shape[1:]), batch)
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(2))
-            losses, grads = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(params, halves, keys)
-            sq = jax.vmap(lambda g: optax.tree.norm(g, squared=True))(grads)
-            return jnp.mean(losses), jax.tree.map(lambda g: jnp.mean(g, 0), grads), jnp.mean(sq)
-        micro = jax.tree.map(lambda a: a.reshape(accum, a.shape[0] // accum, *a.shape[1:]), batch)
+        micro = jax.tree.map(lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:]), batch)
+        if accum == 1:
+            # The noise scale's two halves, as two independent programs in one step. Measured on
+            # the demo's U-Net (2-core CPU, batch 64): 0.62 s per full-size step against 0.82 s
+            # for the whole batch at once (XLA:CPU runs the halves side by side), +45% compile
+            # time; a vmap over the halves made the weight-gradient convolutions batch-grouped
+            # (1.44 s), and the lax.scan that grad_accum uses took 11.5 s (benchmarks/
+            # train_throughput.py --gns on,off; BENCHMARKS.md).
+            outs = []
+            for i in range(groups):
+                half = jax.tree.map(lambda a, i=i: a[i], micro)
+                loss, grads = jax.value_and_grad(loss_fn)(
+                    params, half, jax.random.fold_in(key, i), patch_size
+                )
+                outs.append((loss, grads, optax.tree.norm(grads, squared=True)))
+            return jax.tree.map(lambda *a: sum(a) / groups, *outs)
 
         def add(carry, inputs):
             i, mb = inputs
-            loss, grads = value_and_grad(params, mb, jax.random.fold_in(key, i))
+            loss, grads = jax.value_and_grad(loss_fn)(
+                params, mb, jax.random.fold_in(key, i), patch_size
+            )
             sq = optax.tree.norm(grads, squared=True)
             return jax.tree.map(jnp.add, carry, (loss, grads, sq)), None
 
         zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
-        (loss, grads, sq), _ = jax.lax.scan(add, zero, (jnp.arange(accum), micro))
-        return jax.tree.map(lambda a: a / accum, (loss, grads, sq))
+        (loss, grads, sq), _ = jax.lax.scan(add, zero, (jnp.arange(groups), micro))
+        return jax.tree.map(lambda a: a / groups, (loss, grads, sq))
 
     def step(state, batch, patch_size):
         key = jax.random.fold_in(state.key, state.step)

@@ -114,6 +114,7 @@ def test_sample_quality_in_training_and_in_eval_mode(tmp_path):
     config.train.checkpoint_every = 3
     config.train.sample_every = 0
     config.train.lr_rampup_img = 16
+    config.train.grad_noise_scale = True  # the default, which the tiny configs turn off
     config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
     run = tmp_path / "run"
     train.train_and_evaluate(config, run)
