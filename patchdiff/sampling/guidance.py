@@ -15,6 +15,11 @@ def classifier_free_guidance(denoiser, cond, uncond, scale):
     denoiser, 0 the unconditional. Returns denoiser(x [B, ...], sigma [B]) -> [B, ...].
     """
 
+    if isinstance(scale, int | float) and scale in (0, 1):
+        # D_u + 1 (D_c - D_u) is D_c, and scale 0 is D_u: one network call instead of two.
+        only = cond if scale == 1 else uncond
+        return lambda x, sigma: denoiser(x, sigma, only)
+
     def guided(x, sigma):
         both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
         out = denoiser(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), both)

@@ -27,10 +27,12 @@ def test_cfg_scale_one_is_the_conditional_denoiser_in_one_call():
     labels, null = jnp.array([1, 2, 3, 0]), jnp.zeros(4, jnp.int32)
     guided = sampling.classifier_free_guidance(denoise, labels, null, 1.0)
     np.testing.assert_allclose(guided(x, sigma), denoise(x, sigma, labels), rtol=1e-6)
-    assert calls[0] == 8  # both halves in one batched call
-    unguided = sampling.classifier_free_guidance(denoise, labels, null, 0.0)
-    np.testing.assert_allclose(unguided(x, sigma), denoise(x, sigma, null), rtol=1e-6)
+    assert calls[0] == 4  # scale 1 is D_c: the unconditional half is not computed
+    unguided = sampling.classifier_free_guidance(denoise, labels, null, 0.0)(x, sigma)
+    assert calls[-1] == 4  # scale 0 is D_u alone
+    np.testing.assert_allclose(unguided, denoise(x, sigma, null), rtol=1e-6)
     strong = sampling.classifier_free_guidance(denoise, labels, null, 3.0)(x, sigma)
+    assert calls[-1] == 8  # both halves in one batched call
     d_c, d_u = denoise(x, sigma, labels), denoise(x, sigma, null)
     np.testing.assert_allclose(strong, d_u + 3.0 * (d_c - d_u), rtol=1e-5, atol=1e-6)
 
