@@ -273,6 +273,33 @@ def test_main_needs_a_workdir_and_names_a_missing_checkpoint(tmp_path):
     assert result.returncode != 0 and "no checkpoint in" in result.stderr
 
 
+def test_main_names_a_missing_dataset_in_one_line(tmp_path):
+    """A missing Fashion-MNIST (or any data error) ends training, and the reference-statistics
+    command, with one `patchdiff: ...` line that says how to get the data, never a traceback."""
+    nowhere = tmp_path / "nowhere"
+    config = tmp_path / "moved.py"  # the ref command takes a config file, no overrides
+    config.write_text(
+        "from ml_collections_configs import fashion_mnist\n\n\ndef get_config():\n"
+        f"    config = fashion_mnist.get_config('runlocal')\n    config.data.path = '{nowhere}'\n"
+        "    return config\n"
+    )
+    commands = (
+        ["patchdiff.main", "--config", "ml_collections_configs/fashion_mnist.py:runlocal",
+         "--workdir", str(tmp_path / "run"), f"--config.data.path={nowhere}"],
+        ["patchdiff.metrics.ref", "--config", str(config), "--extractor", "fmnist",
+         "--out", str(tmp_path / "ref.npz")],
+    )  # fmt: skip
+    for command in commands:
+        result = subprocess.run(
+            [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("patchdiff: Fashion-MNIST is not in"), result.stderr
+        assert "apt-get install dataset-fashion-mnist" in last
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     data = make_data(tmp_path / "d.npz")
     process = start_cli(
