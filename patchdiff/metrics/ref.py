@@ -63,14 +63,11 @@ def main(argv=None):
     parser.add_argument("--keep", type=int, default=10_000, help="features kept for KID/PR")
     parser.add_argument("--weights", default=None, help="the extractor's weight file")
     args = parser.parse_args(argv)
-    from ml_collections import config_flags
-
     from patchdiff import config as config_lib
     from patchdiff.metrics import EXTRACTORS
 
     try:
-        config = config_flags.core.ConfigFileFlagParser("config").parse(args.config)
-        config_lib.validate(config)
+        config = config_lib.validate(config_lib.load_file(args.config))
         features = EXTRACTORS.get(args.extractor, "--extractor")(args.weights)
         split = args.split or config.data.split
         stats = compute_reference(config, features, split, args.num, args.keep)

@@ -143,3 +143,41 @@ def test_fid_command_scores_a_folder(tmp_path, capsys):
     assert result["fd_fmnist@40"] == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(SystemExit, match="patchdiff: .*missing.npz do not exist"):
         fid.main(["--images", str(tmp_path / "same.npz"), "--ref", str(tmp_path / "missing.npz")])
+
+
+def test_ref_command_then_fid_command(tmp_path, capsys):
+    """The README's two commands: reference statistics of a dataset from a config file, then a
+    folder scored against them (the fmnist extractor; Inception statistics take the same path).
+    The dataset scored against itself gives 0; its first half against the whole, more."""
+    from patchdiff.metrics import fd_fmnist, ref
+
+    try:
+        fd_fmnist.load()
+    except (FileNotFoundError, ValueError) as e:
+        pytest.skip(f"no fmnist weights: {e}")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 32, 32, 1), dtype=np.uint8)
+    images[30:] //= 4  # two kinds of image, so half of the set is far from the whole
+    np.savez(tmp_path / "data.npz", images=images, labels=np.zeros(60, np.int64))
+    config = tmp_path / "data_config.py"
+    config.write_text(
+        "from ml_collections_configs import base\n\n\ndef get_config(arg=None):\n"
+        "    config = base.get_config()\n    config.data.source = 'npz'\n"
+        f"    config.data.path = '{tmp_path / 'data.npz'}'\n"
+        "    config.data.channels = 1\n    return config\n"
+    )
+    out = tmp_path / "refs" / "data.npz"
+    ref.main(["--config", str(config), "--extractor", "fmnist", "--out", str(out)])
+    assert "wrote fmnist statistics of 60 images" in capsys.readouterr().out
+    reference = fid.load_reference(out, "fmnist", 128)
+    assert reference.features.shape == (60, 128)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0]).save(folder / f"{i:03d}.png")
+    same = fid.main(["--images", str(folder), "--ref", str(out)])
+    half = fid.main(["--images", str(folder), "--ref", str(out), "--num", "30"])
+    assert same["fd_fmnist@60"] == pytest.approx(0.0, abs=1e-4)
+    assert half["fd_fmnist@30"] > 1.0
+    with pytest.raises(SystemExit, match=r"patchdiff: --config .*nowhere.py' is not a file"):
+        ref.main(["--config", str(tmp_path / "nowhere.py"), "--out", str(out)])

@@ -279,7 +279,7 @@ def test_main_names_a_missing_dataset_in_one_line(tmp_path):
     nowhere = tmp_path / "nowhere"
     config = tmp_path / "moved.py"  # the ref command takes a config file, no overrides
     config.write_text(
-        "from ml_collections_configs import fashion_mnist\n\n\ndef get_config():\n"
+        "from ml_collections_configs import fashion_mnist\n\n\ndef get_config(arg=None):\n"
         f"    config = fashion_mnist.get_config('runlocal')\n    config.data.path = '{nowhere}'\n"
         "    return config\n"
     )
