@@ -103,3 +103,25 @@ def write_json(name: str, payload: dict, out: str | None = None) -> pathlib.Path
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no display on a server), or None where matplotlib is
+    not installed: the plots are optional, the JSON holds every figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+    """Writes `fig` as a PNG at `path` (folders made) and frees it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -22,7 +22,7 @@ import pathlib
 
 import numpy as np
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, pyplot, save_figure, write_json
 from canvas_jax import nb201 as nb201_space
 from nag import guided, nb201, nb201_generator  # noqa: F401 (they register "predictor", "nag")
 from patchdiff.tables import format_table
@@ -64,12 +64,8 @@ def summary_row(dataset, searcher, curves, checkpoints) -> dict:
 
 def plot(curves: dict, optima: dict, path: pathlib.Path) -> bool:
     """One panel per dataset: mean best-so-far per searcher with its seeds' min-max band."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a server
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
     for ax, (dataset, by_searcher) in zip(axes[0], curves.items(), strict=True):
@@ -85,9 +81,7 @@ def plot(curves: dict, optima: dict, path: pathlib.Path) -> bool:
         ax.set_ylim(low - 0.5, optima[dataset] + 0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import environment, write_json
+from benchmarks.common import environment, pyplot, save_figure, write_json
 from ml_collections_configs import fashion_mnist
 from patchdiff import train
 from patchdiff.data.sources import DataError
@@ -119,12 +119,8 @@ def final_images(config, run: pathlib.Path, num: int):
 
 
 def plot(result: dict, path: pathlib.Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a server
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     name = result["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -138,9 +134,7 @@ def plot(result: dict, path: pathlib.Path) -> bool:
            title="Fashion-MNIST, demo U-Net: full-size vs patch training")  # fmt: skip
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
