@@ -81,6 +81,13 @@ def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
         if groups == 1:
             return (*jax.value_and_grad(loss_fn)(params, batch, key, patch_size), None)
         micro = jax.tree.map(lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:]), batch)
+
+        def of_group(i, mb):  # group i's (loss, grads, squared gradient norm)
+            loss, grads = jax.value_and_grad(loss_fn)(
+                params, mb, jax.random.fold_in(key, i), patch_size
+            )
+            return loss, grads, optax.tree.norm(grads, squared=True)
+
         if accum == 1:
             # The noise scale's two halves, as two independent programs in one step. Measured on
             # the demo's U-Net (2-core CPU, batch 64): 0.62 s per full-size step against 0.82 s
@@ -88,22 +95,11 @@ def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
             # time; a vmap over the halves made the weight-gradient convolutions batch-grouped
             # (1.44 s), and the lax.scan that grad_accum uses took 11.5 s (benchmarks/
             # train_throughput.py --gns on,off; BENCHMARKS.md).
-            outs = []
-            for i in range(groups):
-                half = jax.tree.map(lambda a, i=i: a[i], micro)
-                loss, grads = jax.value_and_grad(loss_fn)(
-                    params, half, jax.random.fold_in(key, i), patch_size
-                )
-                outs.append((loss, grads, optax.tree.norm(grads, squared=True)))
+            outs = [of_group(i, jax.tree.map(lambda a, i=i: a[i], micro)) for i in range(groups)]
             return jax.tree.map(lambda *a: sum(a) / groups, *outs)
 
         def add(carry, inputs):
-            i, mb = inputs
-            loss, grads = jax.value_and_grad(loss_fn)(
-                params, mb, jax.random.fold_in(key, i), patch_size
-            )
-            sq = optax.tree.norm(grads, squared=True)
-            return jax.tree.map(jnp.add, carry, (loss, grads, sq)), None
+            return jax.tree.map(jnp.add, carry, of_group(*inputs)), None
 
         zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
         (loss, grads, sq), _ = jax.lax.scan(add, zero, (jnp.arange(groups), micro))
