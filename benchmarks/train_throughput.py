@@ -169,6 +169,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if bad := set(args.gns.split(",")) - {"on", "off"}:
+        parser.error(f"--gns {args.gns!r}: each value must be on or off, not {sorted(bad)}")
     env = environment()  # at the start: the commit that runs, not the one at the end
 
     if args.devices:
