@@ -108,14 +108,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.model = 1  # devices per model-parallel group; the rest is data parallel
 
     # DDPM++ at CIFAR-10 size (EDM, Table 7 / `--arch=ddpmpp`): 128 channels, mult (2, 2, 2),
-    # 4 blocks per level, attention at 16x16, dropout 0.13.
+    # 4 blocks per level, one-head attention at 16x16, dropout 0.13; 55.7 M parameters.
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
+    config.model.arch = "ddpmpp"  # EDM's DDPM++ layer for layer, or "adm" (patchdiff/models/unet.py)
     config.model.channels = 128
     config.model.channel_mult = (2, 2, 2)
     config.model.num_res_blocks = 4
     config.model.attn_resolutions = (16,)  # feature-map sizes (at full size) that get attention
-    config.model.head_dim = 64
+    config.model.head_dim = 0  # channels per attention head; 0 = one head (DDPM++)
     config.model.dropout = 0.13
     config.model.patch_size = 1  # the patchify stem's P (Luhman & Luhman): 1, 2, 4 or 8
     config.model.num_classes = 0  # 0: unconditional; N: labels 0..N-1 plus a null label N

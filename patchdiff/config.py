@@ -14,7 +14,7 @@ from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.noise import NOISE_DISTRIBUTIONS
 from patchdiff.diffusion.precond import PRECONDITIONINGS
 from patchdiff.diffusion.weighting import WEIGHTINGS
-from patchdiff.models import DTYPES, MODELS, PLACEHOLDER_CONVS
+from patchdiff.models import ARCHS, DTYPES, MODELS, PLACEHOLDER_CONVS
 from patchdiff.models.unet import level_resolutions
 
 PATCH_SIZES = (1, 2, 4, 8)
@@ -136,16 +136,17 @@ def _validate_model(config):
             f"{', '.join(map(str, levels))} (resolution {resolution} / patch size "
             f"{m.patch_size}, halved per level)",
         )
+    _one_of("model.arch", m.arch, ARCHS)
     _check(
-        _is_int(m.head_dim) and m.head_dim > 0,
+        _is_int(m.head_dim) and m.head_dim >= 0,
         "model.head_dim",
         m.head_dim,
-        "it must be a positive integer",
+        "it must be 0 (one head over all channels) or a positive integer",
     )
     attended = [mult[levels.index(r)] for r in m.attn_resolutions] + [mult[-1]]  # middle too
     for width in (m.channels * k for k in attended):
         _check(
-            width % m.head_dim == 0,
+            m.head_dim == 0 or width % m.head_dim == 0,
             "model.head_dim",
             m.head_dim,
             f"it must divide the width {width} of every attention layer",

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from patchdiff.models.layers import PLACEHOLDER_CONVS, ConvFactory, default_conv3x3
-from patchdiff.models.unet import UNet, level_resolutions
+from patchdiff.models.unet import ARCHS, UNet, level_resolutions
 from patchdiff.registry import Registry
 
 MODELS = Registry("model")
@@ -27,6 +27,7 @@ def build_unet(config, conv3x3: ConvFactory = default_conv3x3):
         num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions),
         head_dim=m.head_dim,
+        arch=m.arch,
         dropout=m.dropout,
         patch_size=m.patch_size,
         num_classes=m.num_classes,
@@ -73,6 +74,7 @@ def init_params(model, key, config, batch: int = 1):
 
 
 __all__ = [
+    "ARCHS",
     "DTYPES",
     "MODELS",
     "PLACEHOLDER_CONVS",

@@ -24,6 +24,11 @@ SKIP_SCALE = math.sqrt(0.5)
 
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # Xavier uniform
 zeros = nn.initializers.zeros
+# EDM's DDPM++ starts the layers that close a residual branch (each block's second conv, the
+# attention projection, the output conv) at Xavier x 1e-5 rather than exactly zero, so that the
+# layers before them get gradients from the first step; queries/keys/values at Xavier x sqrt(0.2).
+near_zero_init = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
+attention_init = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")
 
 
 def conv(features, kernel, name, *, init=default_init, dtype=jnp.float32):
@@ -83,16 +88,23 @@ def depth_to_space(x, patch: int):
 
 class NoiseEmbedding(nn.Module):
     """c_noise [B] -> [B, E]: sinusoidal positions (Vaswani et al.; DDPM++ uses max_positions
-    10000) or random Fourier features (Tancik et al.; NCSN++, scale 16)."""
+    10000) or random Fourier features (Tancik et al.; NCSN++, scale 16).
+
+    EDM's DDPM++ spaces the positional frequencies from 1 to exactly 1/10000 (`endpoint`) and puts
+    the sines first (`sin_first`); ADM stops one step short of 1/10000 and puts cosines first.
+    """
 
     features: int
     kind: str = "positional"
+    endpoint: bool = False
+    sin_first: bool = False
 
     @nn.compact
     def __call__(self, c_noise):
         half = self.features // 2
         if self.kind == "positional":
-            freqs = (1 / 10000) ** (jnp.arange(half, dtype=jnp.float32) / half)
+            steps = half - 1 if self.endpoint else half
+            freqs = (1 / 10000) ** (jnp.arange(half, dtype=jnp.float32) / steps)
         elif self.kind == "fourier":
             # A fixed draw from numpy's PCG64 (stable across releases), so that the embedding is
             # a constant of the architecture and needs no state in the checkpoint.
@@ -103,7 +115,8 @@ class NoiseEmbedding(nn.Module):
                 f"noise embedding {self.kind!r} is not known; known: fourier, positional."
             )
         angles = c_noise.astype(jnp.float32)[:, None] * freqs[None, :]
-        return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+        waves = [jnp.sin(angles), jnp.cos(angles)] if self.sin_first else [jnp.cos(angles), jnp.sin(angles)]
+        return jnp.concatenate(waves, axis=-1)
 
 
 def resample(x, mode: str | None):
@@ -128,17 +141,25 @@ def default_conv3x3(features, name, dtype=jnp.float32, init=default_init):
 
 
 class ResBlock(nn.Module):
-    """ADM / DDPM++ residual block with scale-shift conditioning (Dhariwal & Nichol 2021, Sec 3):
+    """The residual block of DDPM++ (Song et al. 2021, as EDM's `UNetBlock`) and of ADM (Dhariwal &
+    Nichol 2021, Sec 3), on an embedding `emb` that has already been through SiLU:
 
-    h = conv(silu(GN(x))); h = GN(h) (1 + scale) + shift, (scale, shift) = Dense(silu(emb));
-    h = conv(dropout(silu(h))); out = (h + skip(x)) sqrt(1/2). `resample` "down"/"up" resizes
-    inside the block (BigGAN-style, as ADM's resblock_updown). The second conv starts at zero so
-    each block begins as the identity on its skip path.
+    h = conv0(resample(silu(GN(x))));
+    DDPM++: h = silu(GN(h + Dense(emb)))  |  ADM (`adaptive_scale`): h = silu(GN(h) (1 + s) + t),
+    (s, t) = Dense(emb); h = conv1(dropout(h)); out = (h + skip(x)) sqrt(1/2).
+
+    `resample` "down"/"up" resizes inside the block (2x2 mean / nearest neighbour: EDM's
+    resample_filter [1, 1]). The skip path is resample(x), through a 1x1 conv when the width
+    changes, and also on resampling when `resample_proj` (DDPM++). conv1 starts at `zero_init`, so
+    each block begins as (nearly) the identity on its skip path.
     """
 
     features: int
     dropout: float = 0.0
     resample: str | None = None
+    adaptive_scale: bool = False
+    resample_proj: bool = True
+    zero_init: Any = near_zero_init
     max_groups: int = 32
     dtype: Any = jnp.float32
     conv3x3: ConvFactory = default_conv3x3
@@ -147,41 +168,46 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb, train: bool):
         h = nn.silu(group_norm(x.shape[-1], self.max_groups, "norm0", self.dtype)(x))
         h = resample(h, self.resample)
-        x = resample(x, self.resample)
         h = self.conv3x3(self.features, "conv0", dtype=self.dtype)(h)
-        scale_shift = dense(2 * self.features, "affine", ("embed", "mlp"), dtype=self.dtype)(
-            nn.silu(emb)
-        )
-        scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
-        h = group_norm(self.features, self.max_groups, "norm1", self.dtype)(h)
-        h = nn.silu(h * (1 + scale) + shift)
+        norm1 = group_norm(self.features, self.max_groups, "norm1", self.dtype)
+        if self.adaptive_scale:
+            scale_shift = dense(2 * self.features, "affine", dtype=self.dtype)(emb)
+            scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
+            h = nn.silu(norm1(h) * (1 + scale) + shift)
+        else:
+            h = nn.silu(norm1(h + dense(self.features, "affine", dtype=self.dtype)(emb)[:, None, None]))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = self.conv3x3(self.features, "conv1", dtype=self.dtype, init=zeros)(h)
-        if x.shape[-1] != self.features:
-            x = conv(self.features, 1, "skip", dtype=self.dtype)(x)
-        return (h + x) * SKIP_SCALE
+        h = self.conv3x3(self.features, "conv1", dtype=self.dtype, init=self.zero_init)(h)
+        skip = resample(x, self.resample)
+        if x.shape[-1] != self.features or (self.resample and self.resample_proj):
+            skip = conv(self.features, 1, "skip", dtype=self.dtype)(skip)
+        return (h + skip) * SKIP_SCALE
 
 
 class AttentionBlock(nn.Module):
     """Self-attention over all H*W positions through `kernels.attention` ([B, S, heads, D]).
 
-    out = (x + proj(attention(qkv(GN(x))))) sqrt(1/2); proj starts at zero (ADM's zero_module).
+    out = (x + proj(attention(qkv(GN(x))))) sqrt(1/2), heads of `head_dim` channels (0: one head
+    over all channels, as EDM's DDPM++); proj starts at `zero_init`.
     """
 
-    head_dim: int = 64
+    head_dim: int = 0
     max_groups: int = 32
     attention_impl: str = "auto"
     dtype: Any = jnp.float32
+    qkv_init: Any = attention_init
+    zero_init: Any = near_zero_init
 
     @nn.compact
     def __call__(self, x):
         batch, height, width, channels = x.shape
-        heads = channels // self.head_dim
+        head_dim = self.head_dim or channels
+        heads = channels // head_dim
         h = group_norm(channels, self.max_groups, "norm", self.dtype)(x)
-        qkv = dense(3 * channels, "qkv", ("embed", "heads"), dtype=self.dtype)(h)
-        qkv = qkv.reshape(batch, height * width, 3, heads, self.head_dim)  # [B, S, 3, heads, D]
+        qkv = dense(3 * channels, "qkv", ("embed", "heads"), init=self.qkv_init, dtype=self.dtype)(h)
+        qkv = qkv.reshape(batch, height * width, 3, heads, head_dim)  # [B, S, 3, heads, D]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = kernels.attention(q, k, v, impl=self.attention_impl)
         out = out.reshape(batch, height, width, channels)
-        out = dense(channels, "proj", ("heads", "embed"), init=zeros, dtype=self.dtype)(out)
+        out = dense(channels, "proj", ("heads", "embed"), init=self.zero_init, dtype=self.dtype)(out)
         return (x + out) * SKIP_SCALE

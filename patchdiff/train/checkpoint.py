@@ -32,6 +32,7 @@ finally:
 # Fields whose change makes a checkpoint unusable (parameter shapes or their meaning).
 SHAPE_FIELDS = (
     "model.name",
+    "model.arch",
     "model.channels",
     "model.channel_mult",
     "model.num_res_blocks",
@@ -52,8 +53,11 @@ class CheckpointError(ValueError):
 
 
 def _field(config_dict, dotted):
+    """The value at `dotted`, or None where the config predates that field."""
     node = config_dict
     for part in dotted.split("."):
+        if part not in node:
+            return None
         node = node[part]
     return list(node) if isinstance(node, tuple | list) else node
 

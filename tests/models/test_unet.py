@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from conftest import random_params, tiny_config
+from ml_collections_configs import base
 from patchdiff import config as config_lib
 from patchdiff.diffusion import patches, precond
 from patchdiff.models import build_model, cost, dummy_inputs, init_params, partitioning
@@ -135,20 +136,24 @@ def test_conv_seam_builds_every_residual_conv():
     assert first.shape[:2] == (1, 1)
 
 
-def test_init_gives_float32_params_and_zero_output_layers():
-    config = tiny_config(16, 2, dtype="bfloat16")
+@pytest.mark.parametrize("arch", ["ddpmpp", "adm"])
+def test_init_gives_float32_params_and_near_zero_output_layers(arch):
+    config = tiny_config(16, 2, dtype="bfloat16", arch=arch)
     model = build_model(config)
     params = init_params(model, jax.random.key(0), config)
-    # the output conv and each block's last conv start at zero (ADM's zero_module)
-    assert not np.any(np.asarray(params["conv_out"]["kernel"]))
-    assert not np.any(np.asarray(params["ResBlock_0"]["conv1"]["kernel"]))
-    assert np.any(np.asarray(params["ResBlock_0"]["conv0"]["kernel"]))
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    # The output conv, each block's last conv and each attention projection start at zero (ADM's
+    # zero_module) or at Xavier x 1e-5 (EDM's DDPM++); the other layers at Xavier.
+    ends = [params["conv_out"], params["ResBlock_0"]["conv1"], params["AttentionBlock_0"]["proj"]]
+    for layer in ends:
+        kernel = np.asarray(layer["kernel"])
+        fan_avg = (np.prod(kernel.shape[:-1]) + np.prod(kernel.shape[:-2]) * kernel.shape[-1]) / 2
+        limit = 1e-5 * np.sqrt(3 / fan_avg) if arch == "ddpmpp" else 0.0
+        assert np.abs(kernel).max() <= limit
+        assert (np.abs(kernel).max() > limit / 2) == (arch == "ddpmpp")
+    assert np.abs(np.asarray(params["ResBlock_0"]["conv0"]["kernel"])).max() > 1e-2
     x, c_noise, kwargs = dummy_inputs(config)
     assert jax.jit(model.apply)({"params": params}, x, c_noise, **kwargs).dtype == jnp.bfloat16
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-    x, c_noise, kwargs = dummy_inputs(config)
-    assert jax.jit(model.apply)({"params": params}, x, c_noise, **kwargs).dtype == jnp.bfloat16
 
 
 def test_parameters_carry_logical_axes_and_shard_on_a_mesh(devices):
@@ -183,3 +188,35 @@ def test_unknown_model_name():
     config.model.name = "dit"
     with pytest.raises(ValueError, match="config.model.name = 'dit' is not a known model"):
         build_model(config)
+
+
+@pytest.mark.parametrize(
+    "num_classes, count",
+    # NVlabs/edm's EDMPrecond(model_type="SongUNet") with the CIFAR-10 DDPM++ settings
+    # (model_channels 128, channel_mult [2, 2, 2], positional embedding, resample_filter [1, 1],
+    # no augmentation labels), counted in PyTorch: label_dim 0 and label_dim 10.
+    [(0, 55_732_739), (10, 55_734_147)],
+)
+def test_cifar10_ddpmpp_is_edms_ddpmpp(num_classes, count):
+    config = base.get_config()
+    config.model.use_coords = False
+    config.model.num_classes = num_classes
+    config_lib.validate(config)
+    model = build_model(config)
+    x, c_noise, kwargs = dummy_inputs(config)
+    params = jax.eval_shape(
+        lambda k: nn.meta.unbox(model.init(k, x, c_noise, **kwargs)["params"]), jax.random.key(0)
+    )
+    assert cost.count_params(params) == count
+    # torch's flop counter gives edm 42,383,048,704 forward FLOPs per image: the same convolutions
+    # and matrix products, plus 2.6 MFLOPs of its [1, 1] resampling filters run as convolutions
+    # (mean pooling and repetition here).
+    flops = cost.matmul_flops(lambda p: model.apply({"params": p}, x, c_noise, **kwargs), params)
+    assert flops == 42_380_427_264 + 2 * num_classes * 128  # the one-hot label's Dense
+
+
+def test_a_config_arch_that_is_not_known_is_named():
+    config = tiny_config(16, 1)
+    config.model.arch = "ncsnpp"
+    with pytest.raises(config_lib.ConfigError, match="model.arch"):
+        config_lib.validate(config)
