@@ -5,6 +5,8 @@ float32 vs bfloat16 compute, on the present device(s).
     python -m benchmarks.train_throughput --devices 1,8         # CPU: 1 vs 8 fake devices
     python -m benchmarks.train_throughput --batch 256 --steps 20   # on a GPU
     python -m benchmarks.train_throughput --gns on,off   # the gradient noise scale's cost
+    EDM_SRC=~/edm python -m benchmarks.train_throughput --peer edm --peer-python ~/tv/bin/python \
+        --config ml_collections_configs/cifar10_ddpmpp.py --modes full --dtypes float32   # vs edm
 
 Each row runs the real jitted train step (loss, gradients, Adam, EMA, sharded over a data mesh)
 on a synthetic batch already on the devices, so it measures the step and not the input
@@ -15,6 +17,11 @@ dense peak for known GPUs/TPUs, `--peak-tflops`, or on a CPU the rate of a large
 measured here (so CPU MFU reads as 'share of this CPU's matmul speed'). `--devices` runs one
 subprocess per device count (fake CPU devices via XLA_FLAGS). Prints a table and writes
 benchmarks/results/train_throughput.json (or --out).
+
+`--peer edm` also runs NVlabs/edm's own training step on the same network, batch and device, in
+a subprocess (`benchmarks/peers/edm_step.py`) under `--peer-python` (a Python with torch; neither
+torch nor edm is a dependency of this project) with the edm checkout at EDM_SRC, after ours, and
+prints ours / edm in images per second: in float32, and on a GPU also against edm's fp16.
 """
 
 import argparse
@@ -125,6 +132,86 @@ def xla_flops_of(compiled) -> float:
     return float(analysis["flops"])
 
 
+def check_peer(args):
+    """Ends the run with one sentence when `--peer edm` cannot run, before anything is timed."""
+    source = os.environ.get("EDM_SRC", "")
+    if not source or not os.path.isfile(os.path.join(source, "training", "networks.py")):
+        sys.exit(
+            f"train_throughput: --peer edm needs EDM_SRC set to an NVlabs/edm checkout (a folder "
+            f"with training/networks.py); EDM_SRC={source!r}."
+        )
+    probe = subprocess.run([args.peer_python, "-c", "import torch"], capture_output=True)
+    if probe.returncode:
+        sys.exit(
+            f"train_throughput: --peer edm needs torch, which {args.peer_python} cannot import; "
+            f"pass --peer-python a Python that has it."
+        )
+
+
+def run_peer(args) -> list[dict]:
+    """edm's step at --batch in float32 (and fp16 on a GPU) as rows like ours."""
+    rows = []
+    peer_dtypes = ["float32"] + (["float16"] if jax.default_backend() == "gpu" else [])
+    for dtype in peer_dtypes:
+        command = [
+            args.peer_python,
+            os.path.join(os.path.dirname(__file__), "peers", "edm_step.py"),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            *(["--fp16"] if dtype == "float16" else []),
+        ]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"train_throughput: edm's step failed:\n{out.stderr[-3000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "impl": f"edm (torch {result['torch']})",
+                "devices": 1,
+                "mode": "full",
+                "dtype": dtype,
+                "gns": "off",
+                "examples_per_s": result["examples_per_s"],
+                "step_s": result["step_s"],
+                "compile_s": result["warmup_s"],
+                "params": result["params"],
+            }
+        )
+        print(f"edm {dtype} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def with_flops(peer_rows, rows) -> list[dict]:
+    """The peer's TFLOP/s and MFU, counting its step as ours: the same network and loss, so the
+    same FLOPs per image (XLA's count of our full-size step); fp16 against the 16-bit peak."""
+    ours = [r for r in rows if r["mode"] == "full"]
+    for peer in peer_rows:
+        match = [r for r in ours if r["dtype"] == peer["dtype"]] or ours
+        peak = [r for r in rows if (r["dtype"] != "float32") == (peer["dtype"] != "float32")]
+        if match and peak:
+            per_image = match[0]["tflops_per_s"] / match[0]["examples_per_s"]
+            peer["tflops_per_s"] = per_image * peer["examples_per_s"]
+            peer["mfu"] = peer["tflops_per_s"] / peak[0]["peak_tflops"]
+            peer["peak_source"] = peak[0]["peak_source"]
+    return peer_rows
+
+
+def ratios(rows) -> list[str]:
+    """'ours full float32 gns on / edm float32: 1.23x' for every pair of full-size rows."""
+    ours = [r for r in rows if r["impl"] == "patchdiff" and r["mode"] == "full"]
+    lines = []
+    for peer in (r for r in rows if r["impl"].startswith("edm")):
+        for row in ours:
+            lines.append(
+                f"ours {row['dtype']} (gns {row['gns']}, {row['devices']} device(s)) / "
+                f"{peer['impl']} {peer['dtype']}: "
+                f"{row['examples_per_s'] / peer['examples_per_s']:.2f}x images/s"
+            )
+    return lines
+
+
 def run_here(args) -> list[dict]:
     rows = []
     for dtype in args.dtypes.split(","):
@@ -137,6 +224,7 @@ def run_here(args) -> list[dict]:
             result = measure(config, mode, args.steps)
             rows.append(
                 {
+                    "impl": "patchdiff",
                     "devices": jax.device_count(),
                     "mode": mode,
                     "dtype": dtype,
@@ -166,11 +254,17 @@ def main(argv=None):
                         "gradient noise scale's two half-batch gradients")  # fmt: skip
     parser.add_argument("--devices", default="", help="e.g. 1,8: one subprocess per count (CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--peer", default="", choices=["", "edm"],
+                        help="edm: also time NVlabs/edm's step (EDM_SRC, torch)")  # fmt: skip
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the Python (with torch) that runs the peer")  # fmt: skip
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if bad := set(args.gns.split(",")) - {"on", "off"}:
         parser.error(f"--gns {args.gns!r}: each value must be on or off, not {sorted(bad)}")
+    if args.peer:
+        check_peer(args)
     env = environment()  # at the start: the commit that runs, not the one at the end
 
     if args.devices:
@@ -212,6 +306,8 @@ def main(argv=None):
     if args.rows_only:
         print(json.dumps(rows))
         return
+    if args.peer:
+        rows += with_flops(run_peer(args), rows)
     print(
         f"{env['device']}, jax {env['jax']}, {args.config}, global batch {args.batch} at full "
         f"size, {args.steps} timed steps, commit {env['commit']}, {env['date']}"
@@ -220,6 +316,7 @@ def main(argv=None):
         format_table(
             rows,
             [
+                "impl",
                 "devices",
                 "mode",
                 "dtype",
@@ -233,6 +330,8 @@ def main(argv=None):
             ],
         )
     )
+    for line in ratios(rows):
+        print(line)
     path = write_json(
         "train_throughput", {"environment": env, "args": vars(args), "rows": rows}, args.out
     )

@@ -47,6 +47,7 @@ from canvas_jax.template import (
     routing_table,
     template_params,
 )
+from patchdiff import xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.precond import denoise
 from patchdiff.models import DTYPES, build_model, dummy_inputs
@@ -187,7 +188,7 @@ def _vmapped_program(config, params, batch, kwargs, proxy, sigma, key):
 
         return proxy_fn(apply_fn, params, batch, key)
 
-    return jax.jit(jax.vmap(score_one))
+    return xla_cpu.jit(jax.vmap(score_one))
 
 
 def _score_vmapped(run, adjacency, onehot, chunk):
@@ -236,7 +237,7 @@ def _routed_program(config, proxy: str, sigma: float):
         kernel = sum(_routed_hamming(r, rows, count) for r in relus)  # [M + 1, B, B]
         return jax.vmap(naswot_from_kernel)(kernel[:count])
 
-    _ROUTED_PROGRAMS[cache_key] = jax.jit(program)
+    _ROUTED_PROGRAMS[cache_key] = xla_cpu.jit(program)
     return _ROUTED_PROGRAMS[cache_key]
 
 
@@ -293,7 +294,7 @@ def score_loop(graphs, config, images, key, *, params, proxy="jacov", sigma=1.0,
         apply_fn = _denoiser_fn(replace(config, graph), config, sigma, kwargs, proxy == "naswot")
         own = candidate_params(graph, params, config)
         start = time.perf_counter()
-        program = jax.jit(lambda p, f=apply_fn: proxy_fn(f, p, batch, key)).lower(own).compile()
+        program = xla_cpu.jit(lambda p, f=apply_fn: proxy_fn(f, p, batch, key)).lower(own).compile()
         compiled = time.perf_counter()
         scores.append(float(program(own)))
         if timings is not None:

@@ -57,7 +57,7 @@ from nag.settings import (  # noqa: F401 (the settings are part of this module's
 )
 from nag.sotl import SotlTrainer
 from patchdiff import data as data_lib
-from patchdiff import generate, train
+from patchdiff import generate, train, xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.models import build_model, init_params
@@ -415,7 +415,7 @@ def heldout_loss(model, config, held_out, batch: int, seed: int):
     loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
     classes = config.model.num_classes
 
-    @jax.jit
+    @xla_cpu.jit
     def one(params, images, labels, key):
         def net(x_in, c_noise, **kw):
             return model.apply({"params": params}, x_in, c_noise, **kw)

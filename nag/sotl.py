@@ -52,6 +52,7 @@ from canvas_jax.placeholders import get_placeholders, replace, slot_factory
 from canvas_jax.sample import space_from_config
 from canvas_jax.template import TemplateKernel
 from nag.fields import check_fields, count, first_problem, number, positive, read_section
+from patchdiff import xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.diffusion.precond import broadcast_to, denoise
@@ -376,7 +377,7 @@ class SotlTrainer:
                 (adjacency, onehot, trainable, opt_state),
             )
 
-        self._programs[patch_size] = jax.jit(program, donate_argnums=(2, 3))
+        self._programs[patch_size] = xla_cpu.jit(program, donate_argnums=(2, 3))
         return self._programs[patch_size]
 
     def scores(self, graphs, data) -> SotlResult:
@@ -456,7 +457,9 @@ def sotl_loop(
             own, settings.train_rest, settings.lora_rank, settings.seed
         )
         opt_state = optimizer.init(trainable)
-        run = jax.jit(lambda *args, f=loss_fn: train_steps(f, optimizer, *args), static_argnums=0)
+        run = xla_cpu.jit(
+            lambda *args, f=loss_fn: train_steps(f, optimizer, *args), static_argnums=0
+        )
         losses = []
         for patch_size, steps, indices in calls:
             trainable, opt_state, loss = run(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchdiff import sampling
+from patchdiff import sampling, xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.precond import denoise
 from patchdiff.train.report import save_grid, to_uint8
@@ -77,7 +77,7 @@ def make_generator(model, config, *, sampler=None, steps=None, guidance_scale=No
             labels = jnp.zeros(keys.shape[:1], jnp.int32)
         return jax.vmap(one, in_axes=(None, 0, 0))(params, keys, labels)
 
-    return jax.jit(generate)
+    return xla_cpu.jit(generate)
 
 
 def image_keys(seed: int, start: int, count: int):

@@ -115,8 +115,8 @@ class NoiseEmbedding(nn.Module):
                 f"noise embedding {self.kind!r} is not known; known: fourier, positional."
             )
         angles = c_noise.astype(jnp.float32)[:, None] * freqs[None, :]
-        waves = [jnp.sin(angles), jnp.cos(angles)] if self.sin_first else [jnp.cos(angles), jnp.sin(angles)]
-        return jnp.concatenate(waves, axis=-1)
+        waves = [jnp.cos(angles), jnp.sin(angles)]
+        return jnp.concatenate(waves[::-1] if self.sin_first else waves, axis=-1)
 
 
 def resample(x, mode: str | None):
@@ -175,7 +175,8 @@ class ResBlock(nn.Module):
             scale, shift = jnp.split(scale_shift[:, None, None, :], 2, axis=-1)
             h = nn.silu(norm1(h) * (1 + scale) + shift)
         else:
-            h = nn.silu(norm1(h + dense(self.features, "affine", dtype=self.dtype)(emb)[:, None, None]))
+            bias = dense(self.features, "affine", dtype=self.dtype)(emb)
+            h = nn.silu(norm1(h + bias[:, None, None, :]))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = self.conv3x3(self.features, "conv1", dtype=self.dtype, init=self.zero_init)(h)
         skip = resample(x, self.resample)
@@ -204,10 +205,12 @@ class AttentionBlock(nn.Module):
         head_dim = self.head_dim or channels
         heads = channels // head_dim
         h = group_norm(channels, self.max_groups, "norm", self.dtype)(x)
-        qkv = dense(3 * channels, "qkv", ("embed", "heads"), init=self.qkv_init, dtype=self.dtype)(h)
+        qkv = dense(3 * channels, "qkv", ("embed", "heads"), init=self.qkv_init, dtype=self.dtype)
+        qkv = qkv(h)
         qkv = qkv.reshape(batch, height * width, 3, heads, head_dim)  # [B, S, 3, heads, D]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = kernels.attention(q, k, v, impl=self.attention_impl)
         out = out.reshape(batch, height, width, channels)
-        out = dense(channels, "proj", ("heads", "embed"), init=self.zero_init, dtype=self.dtype)(out)
+        proj = dense(channels, "proj", ("heads", "embed"), init=self.zero_init, dtype=self.dtype)
+        out = proj(out)
         return (x + out) * SKIP_SCALE

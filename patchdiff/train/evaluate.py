@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from patchdiff import data as data_lib
+from patchdiff import xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.metrics.evaluator import SampleEvaluator
@@ -59,7 +60,7 @@ def evaluate(config, workdir) -> dict:
     loader = data_lib.build_loader(config, 0, split=e.split)
     loader.random_flip = False
 
-    @jax.jit
+    @xla_cpu.jit
     def losses(params, images, labels, key):
         kwargs = {"labels": labels} if m.num_classes else {}
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from patchdiff import xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.diffusion.patches import random_patches
@@ -135,7 +136,7 @@ def make_train_step(model, optimizer, config, state_sharding, batch_sharding):
         return new_state, {**metrics, "lr": lr}
 
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(
+    return xla_cpu.jit(
         step,
         static_argnums=2,
         in_shardings=(state_sharding, batch_sharding),
