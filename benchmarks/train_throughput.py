@@ -40,7 +40,8 @@ from benchmarks.common import environment, write_json
 from benchmarks.model_cost import load_config
 from patchdiff import config as config_lib
 from patchdiff import data as data_lib
-from patchdiff.models import build_model
+from patchdiff.models import build_model, init_params
+from patchdiff.models.cost import count_params
 from patchdiff.tables import format_table
 from patchdiff.train.loop import make_mesh
 from patchdiff.train.optim import build_optimizer
@@ -82,47 +83,58 @@ def device_peak(dtype: str, override: float | None):
     )
 
 
-def measure(config, mode: str, steps: int) -> dict:
-    """Runs `steps` train steps of `mode` ("full" or "patch"); returns rates and FLOPs."""
-    if mode == "full":
-        config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
-    config_lib.validate(config)
-    mesh, rules = make_mesh(config)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    model = build_model(config)
-    optimizer = build_optimizer(config.train)
-    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
-    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
-    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
-    step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
-    res, ch = config.data.resolution, config.data.channels
+class Runner:
+    """One row's train step, compiled and warmed up; `run()` times `steps` steps of `mode`
+    ("full" or "patch") and returns the seconds; `result(seconds)` the row's rates and FLOPs."""
 
-    batches, flops, compile_s = {}, {}, 0.0
-    plan = [data_lib.step_plan(config, s) for s in range(steps)]
-    for patch, size in sorted(set(plan)):
-        batch = {"image": jnp.zeros((size, res, res, ch)), "label": jnp.zeros((size,), jnp.int32)}
-        batches[patch] = jax.device_put(batch, batch_sharding)
+    def __init__(self, config, mode: str, steps: int):
+        if mode == "full":
+            config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
+        config_lib.validate(config)
+        mesh, rules = make_mesh(config)
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        model = build_model(config)
+        optimizer = build_optimizer(config.train)
+        shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
+        params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
+        self.state = jax.device_put(create_state(model, optimizer, config, params), shardings)
+        self.step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
+        res, ch = config.data.resolution, config.data.channels
+
+        self.batches, self.flops, self.compile_s = {}, {}, 0.0
+        self.plan = [data_lib.step_plan(config, s) for s in range(steps)]
+        for patch, size in sorted(set(self.plan)):
+            batch = {
+                "image": jnp.zeros((size, res, res, ch)),
+                "label": jnp.zeros((size,), jnp.int32),
+            }
+            self.batches[patch] = jax.device_put(batch, batch_sharding)
+            start = time.perf_counter()
+            compiled = self.step_fn.lower(self.state, self.batches[patch], patch).compile()
+            self.compile_s += time.perf_counter() - start
+            # XLA's cost analysis of an SPMD program counts one device's share: scale to the mesh.
+            self.flops[patch] = xla_flops_of(compiled) * mesh.devices.size
+            self.state, _ = self.step_fn(self.state, self.batches[patch], patch)  # warm-up
+        jax.block_until_ready(self.state)
+
+    def run(self) -> float:
         start = time.perf_counter()
-        compiled = step_fn.lower(state, batches[patch], patch).compile()
-        compile_s += time.perf_counter() - start
-        # XLA's cost analysis of an SPMD program counts one device's share: scale to the mesh.
-        flops[patch] = xla_flops_of(compiled) * mesh.devices.size
-        state, _ = step_fn(state, batches[patch], patch)  # warm-up
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for patch, _ in plan:
-        state, metrics = step_fn(state, batches[patch], patch)
-    jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - start
-    examples = sum(size for _, size in plan)
-    total_flops = sum(flops[patch] for patch, _ in plan)
-    return {
-        "examples_per_s": examples / seconds,
-        "step_s": seconds / steps,
-        "tflops_per_s": total_flops / seconds / 1e12,
-        "compile_s": compile_s,
-        "mean_examples_per_step": examples / steps,
-    }
+        for patch, _ in self.plan:
+            self.state, metrics = self.step_fn(self.state, self.batches[patch], patch)
+        jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - start
+
+    def result(self, seconds: float) -> dict:
+        steps = len(self.plan)
+        examples = sum(size for _, size in self.plan)
+        total_flops = sum(self.flops[patch] for patch, _ in self.plan)
+        return {
+            "examples_per_s": examples / seconds,
+            "step_s": seconds / steps,
+            "tflops_per_s": total_flops / seconds / 1e12,
+            "compile_s": self.compile_s,
+            "mean_examples_per_step": examples / steps,
+        }
 
 
 def xla_flops_of(compiled) -> float:
@@ -130,6 +142,9 @@ def xla_flops_of(compiled) -> float:
     if isinstance(analysis, list | tuple):
         analysis = analysis[0]
     return float(analysis["flops"])
+
+
+EDM_DDPMPP_PARAMS = 55_732_739  # edm's EDMPrecond(SongUNet) with train.py --arch=ddpmpp
 
 
 def check_peer(args):
@@ -140,6 +155,16 @@ def check_peer(args):
             f"train_throughput: --peer edm needs EDM_SRC set to an NVlabs/edm checkout (a folder "
             f"with training/networks.py); EDM_SRC={source!r}."
         )
+    config = load_config(args.config)
+    config.model.num_classes = 0
+    model = build_model(config)
+    params = jax.eval_shape(lambda k: init_params(model, k, config), jax.random.key(0))
+    if count_params(params) != EDM_DDPMPP_PARAMS:
+        sys.exit(
+            f"train_throughput: --peer edm times EDM's CIFAR-10 DDPM++ ({EDM_DDPMPP_PARAMS:,} "
+            f"parameters), but --config {args.config} builds {count_params(params):,}: use "
+            f"ml_collections_configs/cifar10_ddpmpp.py."
+        )
     probe = subprocess.run([args.peer_python, "-c", "import torch"], capture_output=True)
     if probe.returncode:
         sys.exit(
@@ -148,39 +173,52 @@ def check_peer(args):
         )
 
 
-def run_peer(args) -> list[dict]:
-    """edm's step at --batch in float32 (and fp16 on a GPU) as rows like ours."""
-    rows = []
-    peer_dtypes = ["float32"] + (["float16"] if jax.default_backend() == "gpu" else [])
-    for dtype in peer_dtypes:
+class Peer:
+    """edm's step (`benchmarks/peers/edm_step.py --serve`) in a subprocess, warmed up; `run()`
+    times `steps` of its steps and returns the seconds."""
+
+    def __init__(self, args, dtype: str):
         command = [
             args.peer_python,
             os.path.join(os.path.dirname(__file__), "peers", "edm_step.py"),
+            "--serve",
             "--batch",
             str(args.batch),
-            "--steps",
-            str(args.steps),
             *(["--fp16"] if dtype == "float16" else []),
         ]
-        out = subprocess.run(command, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"train_throughput: edm's step failed:\n{out.stderr[-3000:]}")
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(
-            {
-                "impl": f"edm (torch {result['torch']})",
-                "devices": 1,
-                "mode": "full",
-                "dtype": dtype,
-                "gns": "off",
-                "examples_per_s": result["examples_per_s"],
-                "step_s": result["step_s"],
-                "compile_s": result["warmup_s"],
-                "params": result["params"],
-            }
+        self.dtype, self.steps, self.batch = dtype, args.steps, args.batch
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
-        print(f"edm {dtype} done", file=sys.stderr, flush=True)
-    return rows
+        self.about = self._answer()
+
+    def _answer(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            sys.exit(f"train_throughput: edm's step ended (exit {self.process.wait()}).")
+        return json.loads(line)
+
+    def run(self) -> float:
+        self.process.stdin.write(f"{self.steps}\n")
+        self.process.stdin.flush()
+        return self._answer()["seconds"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+    def result(self, seconds: float) -> dict:
+        return {
+            "impl": f"edm (torch {self.about['torch']})",
+            "devices": 1,
+            "mode": "full",
+            "dtype": self.dtype,
+            "gns": "off",
+            "examples_per_s": self.batch * self.steps / seconds,
+            "step_s": seconds / self.steps,
+            "compile_s": self.about["warmup_s"],
+            "params": self.about["params"],
+        }
 
 
 def with_flops(peer_rows, rows) -> list[dict]:
@@ -213,7 +251,10 @@ def ratios(rows) -> list[str]:
 
 
 def run_here(args) -> list[dict]:
-    rows = []
+    """Every row's step compiled first, then `--rounds` rounds that time each row (and the peer)
+    in turn, so that all see the same state of a shared machine; each row reports its median
+    round, and its fastest and slowest step times."""
+    runners, rows = [], []
     for dtype in args.dtypes.split(","):
         peak, peak_source = device_peak(dtype, args.peak_tflops)
         for mode, gns in itertools.product(args.modes.split(","), args.gns.split(",")):
@@ -221,7 +262,7 @@ def run_here(args) -> list[dict]:
             config.model.dtype = dtype
             config.train.batch_size = args.batch
             config.train.grad_noise_scale = gns == "on"
-            result = measure(config, mode, args.steps)
+            runners.append(Runner(config, mode, args.steps))
             rows.append(
                 {
                     "impl": "patchdiff",
@@ -229,25 +270,39 @@ def run_here(args) -> list[dict]:
                     "mode": mode,
                     "dtype": dtype,
                     "gns": gns,
-                    **result,
-                    "mfu": result["tflops_per_s"] / peak,
                     "peak_tflops": peak,
                     "peak_source": peak_source,
                 }
             )
-            print(
-                f"{mode} {dtype} on {jax.device_count()} device(s) done",
-                file=sys.stderr,
-                flush=True,
-            )
-    return rows
+            print(f"{mode} {dtype} gns {gns} compiled", file=sys.stderr, flush=True)
+    if args.peer:
+        peer_dtypes = ["float32"] + (["float16"] if jax.default_backend() == "gpu" else [])
+        for dtype in peer_dtypes:
+            runners.append(Peer(args, dtype))
+            rows.append({})
+    seconds = [[] for _ in runners]
+    for round_index in range(args.rounds):
+        for times, runner in zip(seconds, runners, strict=True):
+            times.append(runner.run())
+        print(f"round {round_index + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+    for row, runner, times in zip(rows, runners, seconds, strict=True):
+        row.update(runner.result(float(np.median(times))))
+        row["step_s_min"], row["step_s_max"] = min(times) / args.steps, max(times) / args.steps
+        row["rounds"] = len(times)
+        if "peak_tflops" in row:
+            row["mfu"] = row["tflops_per_s"] / row["peak_tflops"]
+        if isinstance(runner, Peer):
+            runner.close()
+    ours = [r for r in rows if r["impl"] == "patchdiff"]
+    return ours + with_flops([r for r in rows if r["impl"] != "patchdiff"], ours)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="ml_collections_configs/cifar10_ddpmpp_patch.py")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=1, help="timings per row, alternated")
     parser.add_argument("--modes", default="full,patch")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--gns", default="on", help="on,off: the step with and without the "
@@ -265,6 +320,8 @@ def main(argv=None):
         parser.error(f"--gns {args.gns!r}: each value must be on or off, not {sorted(bad)}")
     if args.peer:
         check_peer(args)
+        if args.devices:
+            parser.error("--peer runs in this process's device set; leave out --devices")
     env = environment()  # at the start: the commit that runs, not the one at the end
 
     if args.devices:
@@ -288,6 +345,8 @@ def main(argv=None):
                 args.dtypes,
                 "--gns",
                 args.gns,
+                "--rounds",
+                str(args.rounds),
                 "--rows-only",
             ]
             if args.peak_tflops:
@@ -306,8 +365,7 @@ def main(argv=None):
     if args.rows_only:
         print(json.dumps(rows))
         return
-    if args.peer:
-        rows += with_flops(run_peer(args), rows)
+
     print(
         f"{env['device']}, jax {env['jax']}, {args.config}, global batch {args.batch} at full "
         f"size, {args.steps} timed steps, commit {env['commit']}, {env['date']}"
@@ -323,6 +381,8 @@ def main(argv=None):
                 "gns",
                 "examples_per_s",
                 "step_s",
+                "step_s_min",
+                "step_s_max",
                 "tflops_per_s",
                 "mfu",
                 "peak_source",

@@ -10,6 +10,10 @@ does per batch: `EDMLoss` (P_mean -1.2, P_std 1.2, sigma_data 0.5) through `EDMP
 standard encoder and decoder, resample_filter [1, 1], dropout 0.13; no augmentation labels, as
 ours), backward, `nan_to_num` on the gradients, Adam (lr 1e-3, betas 0.9 / 0.999, eps 1e-8) and
 the EMA update. Prints one JSON line: {"examples_per_s", "step_s", "params", ...}.
+
+With `--serve` it warms up, prints {"params", "warmup_s", ...} and then times `K` steps for each
+line `K` read from stdin, answering {"seconds": ...} per line: a caller alternates its own timings
+with these, so both see the same state of a shared machine.
 """
 
 import argparse
@@ -33,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--fp16", action="store_true", help="edm's --fp16 (use_fp16) on a GPU")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--label-dim", type=int, default=0)
+    parser.add_argument("--serve", action="store_true", help="time K steps per stdin line K")
     args = parser.parse_args(argv)
 
     source = os.environ.get("EDM_SRC", "")
@@ -94,30 +99,29 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    for _ in range(max(args.warmup, 1)):
-        step()
-    sync()
-    warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    seconds = time.perf_counter() - start
-    print(
-        json.dumps(
-            {
-                "examples_per_s": args.batch * args.steps / seconds,
-                "step_s": seconds / args.steps,
-                "warmup_s": warmup_s,
-                "params": sum(p.numel() for p in net.parameters()),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "dtype": "float16" if args.fp16 else "float32",
-            }
-        )
-    )
+    def timed(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        return time.perf_counter() - start
+
+    about = {
+        "warmup_s": timed(max(args.warmup, 1)),
+        "params": sum(p.numel() for p in net.parameters()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "dtype": "float16" if args.fp16 else "float32",
+    }
+    if args.serve:
+        print(json.dumps(about), flush=True)
+        for line in sys.stdin:
+            print(json.dumps({"seconds": timed(int(line))}), flush=True)
+        return
+    seconds = timed(args.steps)
+    rate = {"examples_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps}
+    print(json.dumps({**rate, **about}))
 
 
 if __name__ == "__main__":

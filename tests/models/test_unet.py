@@ -1,3 +1,5 @@
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from ml_collections_configs import base
 from patchdiff import config as config_lib
 from patchdiff.diffusion import patches, precond
 from patchdiff.models import build_model, cost, dummy_inputs, init_params, partitioning
+from patchdiff.models.layers import Dropout
 
 
 def built(config, seed=0):
@@ -220,3 +223,26 @@ def test_a_config_arch_that_is_not_known_is_named():
     config.model.arch = "ncsnpp"
     with pytest.raises(config_lib.ConfigError, match="model.arch"):
         config_lib.validate(config)
+
+
+def test_a_checkpoint_from_before_the_arch_field_is_refused_by_name():
+    from patchdiff.train.checkpoint import CheckpointError, check_compatible
+
+    config = tiny_config(16, 1)
+    saved = json.loads(config.to_json_best_effort())
+    del saved["model"]["arch"]  # written before U-Nets had an arch
+    with pytest.raises(CheckpointError, match=r"config.model.arch = None, but this config has"):
+        check_compatible(saved, config, "runs/old")
+
+
+@pytest.mark.parametrize("rate", [0.13, 0.5])
+def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
+    x = jnp.ones((64, 4096))
+    y = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(7)})
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - rate) < 4 * np.sqrt(rate * (1 - rate) / x.size)
+    np.testing.assert_allclose(np.asarray(y[y != 0]), 1 / (1 - rate), rtol=1e-6)
+    again = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(8)})
+    assert not np.array_equal(np.asarray(y), np.asarray(again))  # the key decides the mask
+    assert Dropout(rate).apply({}, x, deterministic=True) is x
+    assert Dropout(0.0).apply({}, x, deterministic=False) is x
