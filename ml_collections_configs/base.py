@@ -111,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 4 blocks per level, one-head attention at 16x16, dropout 0.13; 55.7 M parameters.
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
-    config.model.arch = "ddpmpp"  # EDM's DDPM++ layer for layer, or "adm" (patchdiff/models/unet.py)
+    config.model.arch = "ddpmpp"  # EDM's DDPM++ layer for layer, or "adm" (models/unet.py)
     config.model.channels = 128
     config.model.channel_mult = (2, 2, 2)
     config.model.num_res_blocks = 4

@@ -3,10 +3,11 @@ with them when the program compiles for the CPU.
 
 XLA:CPU (jax 0.10) hands every convolution to YNNPACK ("individual convolution" library fusions)
 by default. On the 2-core CPU of this project's CI, YNNPACK's weight-gradient convolutions ran at
-21-58 GFLOP/s where Eigen's run at 68-158 (3.4x slower at the DDPM++ shapes), and its forward and
-input-gradient convolutions were no faster: the DDPM++ train step at batch 8 took 12.3 s with
-them and 7.9 s without (BENCHMARKS.md, "Training step on the CPU"). YNNPACK keeps the kinds that
-pay off: reductions (without them the step took 11.6 s) and matrix products.
+21-83 GFLOP/s where XLA's own (Eigen) run at 64-157, and its forward and input-gradient
+convolutions were no faster (`benchmarks/cpu_convs.py`): EDM's DDPM++ train step at batch 8
+took 13.1 s with them and 8.5 s without (`benchmarks/profile_step.py`; BENCHMARKS.md, "Training
+step on the CPU"). YNNPACK keeps the kinds that pay off: reductions (without them the step took
+11.6 s) and matrix products.
 
 A user's own `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS wins: then nothing is set
 here. On an XLA without the option (another jaxlib) a warning says so once and jax's defaults

@@ -1,5 +1,6 @@
 import jax
 import jax.numpy as jnp
+import pytest
 
 from patchdiff import xla_cpu
 
@@ -11,6 +12,8 @@ def conv(x, w):
 
 
 def test_cpu_programs_leave_convolutions_to_eigen():
+    if not xla_cpu._accepted():  # another jaxlib: a warning was logged, jax's defaults kept
+        pytest.skip("this XLA does not take the YNN fusion option")
     assert xla_cpu.compiler_options() == xla_cpu.CPU_OPTIONS
     x, w = jnp.ones((8, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
     grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
