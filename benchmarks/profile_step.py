@@ -29,14 +29,9 @@ import numpy as np
 
 from benchmarks.common import environment, write_json
 from benchmarks.model_cost import load_config
-from patchdiff import config as config_lib
+from benchmarks.train_throughput import synthetic_training
 from patchdiff import xla_cpu
-from patchdiff.models import build_model
 from patchdiff.tables import format_table
-from patchdiff.train.loop import make_mesh
-from patchdiff.train.optim import build_optimizer
-from patchdiff.train.state import create_state, state_shardings
-from patchdiff.train.step import make_train_step
 
 
 def kind_of(hlo_line: str, name: str) -> str:
@@ -82,15 +77,7 @@ def main(argv=None):
     config.train.batch_size = args.batch
     config.train.grad_noise_scale = args.gns == "on"
     config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
-    config_lib.validate(config)
-    mesh, rules = make_mesh(config)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    model = build_model(config)
-    optimizer = build_optimizer(config.train)
-    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
-    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
-    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
-    step = make_train_step(model, optimizer, config, shardings, batch_sharding)
+    state, step, _, batch_sharding = synthetic_training(config)
     res, ch = config.data.resolution, config.data.channels
     images, labels = jnp.zeros((args.batch, res, res, ch)), jnp.zeros((args.batch,), jnp.int32)
     batch = jax.device_put({"image": images, "label": labels}, batch_sharding)

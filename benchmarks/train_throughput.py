@@ -83,6 +83,21 @@ def device_peak(dtype: str, override: float | None):
     )
 
 
+def synthetic_training(config):
+    """(state, step_fn, mesh, batch_sharding): `config`'s real train step, sharded as in training,
+    on a state whose parameters are all 0.01 (no init program to compile)."""
+    config_lib.validate(config)
+    mesh, rules = make_mesh(config)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    model = build_model(config)
+    optimizer = build_optimizer(config.train)
+    shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
+    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
+    state = jax.device_put(create_state(model, optimizer, config, params), shardings)
+    step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
+    return state, step_fn, mesh, batch_sharding
+
+
 class Runner:
     """One row's train step, compiled and warmed up; `run()` times `steps` steps of `mode`
     ("full" or "patch") and returns the seconds; `result(seconds)` the row's rates and FLOPs."""
@@ -90,15 +105,7 @@ class Runner:
     def __init__(self, config, mode: str, steps: int):
         if mode == "full":
             config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
-        config_lib.validate(config)
-        mesh, rules = make_mesh(config)
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        model = build_model(config)
-        optimizer = build_optimizer(config.train)
-        shardings, abstract = state_shardings(model, optimizer, config, mesh, rules)
-        params = jax.tree.map(lambda a: jnp.full(a.shape, 0.01, a.dtype), abstract.params)
-        self.state = jax.device_put(create_state(model, optimizer, config, params), shardings)
-        self.step_fn = make_train_step(model, optimizer, config, shardings, batch_sharding)
+        self.state, self.step_fn, mesh, batch_sharding = synthetic_training(config)
         res, ch = config.data.resolution, config.data.channels
 
         self.batches, self.flops, self.compile_s = {}, {}, 0.0
