@@ -1,5 +1,6 @@
 """CIFAR-10 32x32, unconditional, EDM's DDPM++ setup (Karras et al. 2022, Table 7, VP column with
-EDM preconditioning): 56 M-parameter U-Net, batch 512, 200 Mimg.
+EDM preconditioning): NVlabs/edm's DDPM++ network layer for layer (`model.arch = "ddpmpp"`,
+55,732,739 parameters, pinned by tests/models/test_unet.py), batch 512, 200 Mimg.
 
     python -m patchdiff.data.prepare cifar10   # once (needs the [prepare] extra)
     python -m patchdiff.main --config ml_collections_configs/cifar10_ddpmpp.py --workdir runs/cifar10_ddpmpp
