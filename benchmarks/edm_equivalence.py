@@ -3,7 +3,8 @@
     EDM_SRC=/path/to/edm python -m benchmarks.edm_equivalence --peer-python ~/tv/bin/python
 
 The peer (a Python with torch and the edm checkout at EDM_SRC; neither is a dependency of this
-project) builds edm's SongUNet with `train.py --arch=ddpmpp` settings, fills every parameter with
+project) builds edm's SongUNet with `train.py --arch=ddpmpp` settings (`peers/edm_step.py`'s
+DDPMPP, the same that the training-step comparison uses), fills every parameter with
 random values (so that near-zero initialisations cannot hide a wrong mapping) and writes them
 with an input batch and its output. This script maps edm's names and layouts onto ours (OIHW
 kernels to HWIO, Linear weights transposed, qkv rows from edm's [C, 3] order to our [3, C]),
@@ -27,16 +28,16 @@ from benchmarks.common import environment, write_json
 from benchmarks.model_cost import load_config
 from patchdiff.models import build_model, dummy_inputs
 
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")  # edm_step.DDPMPP
 PEER_SCRIPT = r"""
 import os, sys, numpy as np, torch
-sys.path.insert(0, os.environ["EDM_SRC"])
+sys.path[:0] = [os.environ["EDM_SRC"], sys.argv[3]]
 from training.networks import SongUNet
+from edm_step import DDPMPP
 label_dim, out = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 net = SongUNet(img_resolution=32, in_channels=3, out_channels=3, label_dim=label_dim,
-               model_channels=128, channel_mult=[2, 2, 2], dropout=0.13,
-               embedding_type="positional", encoder_type="standard", decoder_type="standard",
-               channel_mult_noise=1, resample_filter=[1, 1]).eval()
+               **DDPMPP).eval()
 with torch.no_grad():
     for name, p in net.named_parameters():
         if p.ndim > 1:
@@ -113,7 +114,9 @@ def ours_from_edm(d) -> dict:
 def compare(args, label_dim: int, folder: str) -> dict:
     path = os.path.join(folder, f"edm_{label_dim}.npz")
     peer = subprocess.run(
-        [args.peer_python, "-c", PEER_SCRIPT, str(label_dim), path], capture_output=True, text=True
+        [args.peer_python, "-c", PEER_SCRIPT, str(label_dim), path, PEERS],
+        capture_output=True,
+        text=True,
     )
     if peer.returncode:
         sys.exit(f"edm_equivalence: the edm side failed:\n{peer.stderr[-2000:]}")

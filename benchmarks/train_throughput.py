@@ -323,6 +323,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error(f"--steps {args.steps} and --rounds {args.rounds} must both be at least 1")
     if bad := set(args.gns.split(",")) - {"on", "off"}:
         parser.error(f"--gns {args.gns!r}: each value must be on or off, not {sorted(bad)}")
     if args.peer:

@@ -23,6 +23,19 @@ import os
 import sys
 import time
 
+# edm's SongUNet arguments for `train.py --arch=ddpmpp` at CIFAR-10 size (also read by
+# benchmarks/edm_equivalence.py's peer side).
+DDPMPP = dict(
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+    model_channels=128,
+    channel_mult=[2, 2, 2],
+    dropout=0.13,
+)
+
 
 def fail(message: str):
     print(f"edm_step: {message}", file=sys.stderr)
@@ -65,14 +78,7 @@ def main(argv=None):
         label_dim=args.label_dim,
         use_fp16=args.fp16,
         model_type="SongUNet",
-        embedding_type="positional",
-        encoder_type="standard",
-        decoder_type="standard",
-        channel_mult_noise=1,
-        resample_filter=[1, 1],
-        model_channels=128,
-        channel_mult=[2, 2, 2],
-        dropout=0.13,
+        **DDPMPP,
     ).to(device)
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
