@@ -1,19 +1,29 @@
-"""Kernel search in the Fashion-MNIST U-Net (nag): train the demo model, search a kernel for its
-residual blocks' second convolutions (conv1) by SoTL-E, with candidates proposed by a graph
-diffusion generator (guided by a neural predictor once one is fitted) and by the random sampler,
-then fine-tune the winner beside the original for the same steps and compare them.
+"""Kernel search in the Fashion-MNIST U-Net (nag): train the original, search a kernel for both
+3x3 convolutions of its residual blocks (`conv0`, `conv1`) at <= 0.25 of their FLOPs by SoTL-E,
+with candidates proposed by a graph diffusion generator guided by a neural predictor (fitted
+from round 0 on the predictor validation's kernels, `nag.prior`) and by the random sampler,
+then fine-tune the winner beside the original and train it from scratch.
 
     sudo apt-get install dataset-fashion-mnist   # the data, once
     python -m nag.main --config ml_collections_configs/kernel_search_fashion_mnist.py --workdir runs/ks_fmnist
+    # CANVAS's random search with the same budget and prior, for comparison:
+    python -m nag.main --config ml_collections_configs/kernel_search_fashion_mnist.py \
+        --config.nag.rank=random --workdir runs/ks_fmnist_random
     python -m nag.main --config ml_collections_configs/kernel_search_fashion_mnist.py:runlocal --workdir runs/ks_fmnist_local
 
-`:runlocal` is sized for a 2-core CPU (well under an hour); the full setting is for a GPU.
-`nag_section()` holds the search's defaults, which other kernel-search configs derive from.
+The full config runs on a 2-core CPU (BENCHMARKS.md, "Kernel search that pays off", has its
+time and result); `:runlocal` is the earlier conv1-only demo. `nag_section()` holds the search's
+GPU-sized defaults, which other kernel-search configs derive from.
 """
+
+import pathlib
 
 import ml_collections
 
 from ml_collections_configs import base, fashion_mnist
+
+# SoTL-E curves of the predictor validation's sampled kernels (benchmarks/kernel_predictors.py).
+PRIOR = pathlib.Path(__file__).with_name("kernel_search_fashion_mnist.prior.jsonl")
 
 
 def nag_section() -> ml_collections.ConfigDict:
@@ -34,6 +44,13 @@ def nag_section() -> ml_collections.ConfigDict:
     nag.pool = 4096  # training images the SoTL-E batches are drawn from
     nag.ops = ()  # primitives of the space; () = all of canvas_jax's
     nag.seed = 0
+    # "predictor" (ours) or "random" (CANVAS's random search: sampler draws in draw order).
+    nag.rank = "predictor"
+    # Kernels evaluated before the search (JSON lines of {"ops", "inputs", "curve"}: SoTL-E loss
+    # curves at least nag.sotl.steps long, as `benchmarks/kernel_predictors.py` writes them):
+    # scored with this search's S and E, never evaluated again, and fitted by the predictor from
+    # round 0; they do not count against `budget`. "" = none.
+    nag.prior = ""
 
     nag.generator = ml_collections.ConfigDict()
     nag.generator.enabled = True
@@ -85,27 +102,66 @@ def nag_section() -> ml_collections.ConfigDict:
 def get_config(arg=None):
     options = base.parse_arg(arg)
     config = fashion_mnist.get_config()
-    config.model.placeholders = ("conv1",)
-    config.kernel_search.max_nodes = 12
-    config.train.total_steps = 4000
-    config.train.sample_every = 4000
-    config.train.checkpoint_every = 1000
+    # The recipe every kernel is trained with (the original, the validation's kernels, the
+    # report's rows): the demo's U-Net at 16 channels, 400 steps of 32 full-size images (one
+    # compiled step per kernel: each crop size would compile its own), ~1.5 minutes on a
+    # 2-core CPU.
+    config.model.channels = 16
+    config.model.head_dim = 16
+    config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
+    config.train.batch_size = 32
+    config.train.total_steps = 400
+    config.train.lr_rampup_img = 3200
+    config.train.ema_halflife_img = 3200
+    config.train.log_every = 50
+    config.train.checkpoint_every = 200
+    config.train.sample_every = 400
+    config.sample.num_images = 40  # 4 per class
+    config.sample.batch_size = 40
+    # fd_fmnist of 500 samples by Heun at 12 steps (23 evaluations): the validation and the
+    # report measure dozens of networks; the demo's fd_fmnist@5k at 18 steps costs 15x more.
+    config.eval.num_samples = 500
+    config.eval.steps = 12
+
+    # Both 3x3 convolutions of the residual blocks that map C channels to C (23 placeholders):
+    # with all of them the identity leaves 0.46 of the network's FLOPs, so a kernel at <= 0.25
+    # of the convolutions' FLOPs (flops_band) keeps the network at <= 0.6 of the original's.
+    config.model.placeholders = ("conv0", "conv1")
+    config.kernel_search.max_nodes = 8
+    config.kernel_search.min_primitives = 3
+    config.kernel_search.params_band = (0.02, 0.5)
+    config.kernel_search.flops_band = (0.02, 0.25)
     config.nag = nag_section()
+    cpu_search(config)
 
     if "runlocal" in options:
-        # The runlocal demo's U-Net (16 channels), trained 800 steps, crops of 32 and 16 only
-        # (each crop size compiles its own programs).
-        config.model.channels = 16
-        config.model.head_dim = 16
+        config.model.placeholders = ("conv1",)
+        config.kernel_search.params_band = (0.05, 1.0)
+        config.kernel_search.flops_band = (0.05, 1.0)
         config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0, 0.5), (0.5, 0.5)
-        config.train.batch_size = 32
         config.train.total_steps = 800
+        config.train.lr_rampup_img = 20_000
+        config.train.ema_halflife_img = 10_000
         config.train.log_every = 100
         config.train.checkpoint_every = 400
         config.train.sample_every = 800
-        config.sample.num_images = 40  # 4 per class
-        config.sample.batch_size = 40
         shrink_search(config)
+    return config
+
+
+def cpu_search(config):
+    """The search sized for a 2-core CPU, its budgets set by the predictor validation
+    (BENCHMARKS.md, "Kernel search that pays off"): 12 SoTL-E evaluations in rounds of 4 on top
+    of the validation's 20 sampled kernels (`nag.prior`, their SoTL-E curves, shipped beside this
+    file), so the predictor ranks and guides from round 0."""
+    nag = config.nag
+    nag.budget, nag.per_round, nag.proposals, nag.min_fit = 12, 4, 64, 8
+    nag.pool = 2048
+    nag.prior = str(PRIOR)
+    nag.generator.train_graphs, nag.generator.steps = 1024, 1000
+    nag.generator.hidden, nag.generator.layers, nag.generator.num_steps = 32, 2, 16
+    nag.sotl.steps, nag.sotl.last, nag.sotl.steps_per_call = 64, 16, 16
+    nag.finetune.steps, nag.finetune.eval_examples, nag.finetune.eval_batch = 100, 1000, 250
     return config
 
 
@@ -115,6 +171,7 @@ def shrink_search(config):
     config.kernel_search.max_nodes = 8
     config.kernel_search.min_primitives = 3
     nag = config.nag
+    nag.prior = ""
     nag.budget, nag.proposals, nag.per_round, nag.min_fit = 16, 32, 4, 4
     nag.sampled_fraction = 0.5
     nag.pool = 1024

@@ -7,7 +7,11 @@
    zero-cost proxy in one batch -> pick the best few by the predictor's mean + kappa std (by the
    proxy's rank before the predictor has `min_fit` evaluations) -> train them briefly in one
    program and score them by SoTL-E (`nag.sotl`) -> refit the predictor on every evaluation so
-   far; until `budget` evaluations or `seconds` of search;
+   far; until `budget` evaluations or `seconds` of search. With `nag.prior`, kernels evaluated
+   before the search (the predictor validation's) join the history from round 0: never
+   evaluated again, fitted by the predictor, candidates for the winner, outside the budget.
+   `nag.rank = "random"` is CANVAS's random search instead: the sampler's draws, evaluated in
+   draw order, with no generator, proxy or predictor;
 3. report: the best graph swapped into every placeholder and fine-tuned from the trained
    original (kernels fresh), the original fine-tuned for the same steps on the same batches,
    both measured on the same held-out batches and noise; DIR/report.json, a printed table,
@@ -58,6 +62,7 @@ from nag.settings import (  # noqa: F401 (the settings are part of this module's
 from nag.sotl import SotlTrainer
 from patchdiff import data as data_lib
 from patchdiff import generate, train, xla_cpu
+from patchdiff.config import ConfigError
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.models import build_model, init_params
@@ -158,6 +163,9 @@ class Proposer:
     def picks(self, round_: int, history: list[dict], count: int) -> list[Pick]:
         s, g = self.settings.search, self.settings.generator
         seen = {r["hash"] for r in history}
+        if s.rank == "random":  # CANVAS's random search: the sampler's draws, in draw order
+            graphs = self._sample(_key(s.seed, "sample", round_), count, seen)
+            return [Pick(g_, g_.canonical_hash(), "sample", None, None, None) for g_ in graphs]
         scored = [r for r in history if r["sotl"] is not None]
         fitted = len(scored) >= s.min_fit
         if fitted:
@@ -240,15 +248,19 @@ def search(
     """
     s = settings.search
     path, records = open_records(workdir)  # a torn last line dropped
+    prior = read_prior(s.prior, settings.sotl, space) if s.prior else []
     proposer = Proposer(space, constraints, settings, proxy_fn, generator, log)
     start = time.perf_counter() - (records[-1]["seconds"] if records else 0.0)
-    best = max((r for r in records if r["sotl"] is not None), key=lambda r: r["sotl"], default=None)
+    best = max(
+        (r for r in prior + records if r["sotl"] is not None), key=lambda r: r["sotl"], default=None
+    )
     round_ = 0
     with path.open("a") as out:
         while True:
             history = [r for r in records if r["round"] < round_]
             if len(history) >= s.budget:
                 break
+            history = prior + history
             recorded = [r for r in records if r["round"] == round_]
             if recorded and len(recorded) == recorded[0]["picked"]:
                 round_ += 1  # replayed from the file
@@ -256,7 +268,9 @@ def search(
             if not recorded and s.seconds and time.perf_counter() - start >= s.seconds:
                 log(f"search: the time budget of {s.seconds:g} s is spent.")
                 break
-            picks = proposer.picks(round_, history, min(s.per_round, s.budget - len(history)))
+            picks = proposer.picks(
+                round_, history, min(s.per_round, s.budget - len(history) + len(prior))
+            )
             if not picks:
                 log(f"round {round_}: no new graph meets the constraints; the search stops.")
                 break
@@ -295,6 +309,60 @@ def search(
                 f"s; best so far {records[-1]['best_sotl']} ({len(records)}/{s.budget} evaluated)"
             )
             round_ += 1
+    return records
+
+
+# SoTL-E settings that a prior curve must share with the search for their scores to compare.
+PRIOR_MUST_MATCH = (
+    "steps_per_call", "batch_size", "learning_rate", "grad_clip", "distill", "train_rest",
+    "lora_rank", "seed",
+)  # fmt: skip
+
+
+def read_prior(path, sotl: SotlSettings, space) -> list[dict]:
+    """Records of the kernels in the JSON-lines file `path` (see config.nag.prior), scored by
+    SoTL-E with `sotl`'s steps and last; round -1, source "prior"."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config.nag.prior = {str(path)!r} is not allowed: no such file.")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"config.nag.prior {path}, line {number}"
+        try:
+            item = json.loads(line)
+            graph = graph_of(item)
+            graph.validate(space=space)
+            curve = np.asarray(item["curve"], np.float64)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{where}: not a kernel record ({{'ops', 'inputs', 'curve'}} of this search's "
+                f"space): {err}"
+            ) from None
+        theirs = item.get("sotl", {})
+        for field in PRIOR_MUST_MATCH:
+            if field in theirs and theirs[field] != getattr(sotl, field):
+                raise ConfigError(
+                    f"{where}: its curve was trained with sotl.{field} = {theirs[field]!r}, this "
+                    f"search's nag.sotl.{field} is {getattr(sotl, field)!r}; their SoTL-E would "
+                    "not compare."
+                )
+        if len(curve) < sotl.steps:
+            raise ConfigError(
+                f"{where}: its SoTL-E curve has {len(curve)} steps; nag.sotl.steps = "
+                f"{sotl.steps} needs at least as many."
+            )
+        window = curve[sotl.steps - sotl.last : sotl.steps]
+        records.append(
+            {
+                "round": -1,
+                "hash": graph.canonical_hash(),
+                "ops": list(graph.ops),
+                "inputs": [list(i) for i in graph.inputs],
+                "source": "prior",
+                "name": item.get("name"),
+                "sotl": -float(window.sum()) if np.isfinite(window).all() else None,
+            }
+        )
     return records
 
 
@@ -342,13 +410,14 @@ def run(config, workdir, log=print) -> dict:
     settings = read_settings(config)
     workdir = pathlib.Path(workdir)
     s = settings.search
+    space = search_space(config, s)
+    prior = read_prior(s.prior, settings.sotl, space) if s.prior else []  # checked before work
 
     log("== 1. the original model")
     result = train.train_and_evaluate(config, workdir / "original")
     base, original_step = jax.device_get(result["state"].ema), int(result["step"])
 
     log("== 2. the search")
-    space = search_space(config, s)
     constraints = Constraints.from_config(config, kernel_shapes(config))
     pool = load_images(config, s.pool)
     sotl = settings.sotl
@@ -365,7 +434,7 @@ def run(config, workdir, log=print) -> dict:
         proxy_fn=make_proxy_fn(config, base, s, images["image"]),
         log=log,
     )
-    winner = best_record(records)
+    winner = best_record(prior + records)
 
     log("== 3. fine-tune and compare")
     return report(config, workdir, base, original_step, winner, settings, log)
@@ -384,11 +453,12 @@ def finetune(model, params, config, fs: FinetuneSettings):
     return train_steps(model, params, config)
 
 
-def train_steps(model, params, config):
+def train_steps(model, params, config, record: list | None = None):
     """config.train.total_steps steps of the project's train step from `params`: the trainer's
     batches (the seeded stream from its start, the patch schedule of `data.step_plan`) and
     per-step keys, so two models trained here see the same images, crops and noise. Returns the
-    EMA."""
+    EMA. With `record` (a list), every step appends (loss, seconds, patch size); each step then
+    waits for its loss."""
     steps = config.train.total_steps
     mesh, rules = make_mesh(config)
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -399,7 +469,12 @@ def train_steps(model, params, config):
     loader = data_lib.build_loader(config, 0)
     for step in range(steps):
         patch_size, size = data_lib.step_plan(config, step)
-        state, _ = step_fn(state, data_lib.to_global(loader.next(size), batch_sharding), patch_size)
+        tic = time.perf_counter()
+        batch = data_lib.to_global(loader.next(size), batch_sharding)
+        state, metrics = step_fn(state, batch, patch_size)
+        if record is not None:
+            loss = float(metrics["loss"])
+            record.append((loss, time.perf_counter() - tic, patch_size))
     if int(state.bad_step) >= 0:
         raise train.TrainingStopped(
             f"training {steps} steps: the loss became non-finite at step "

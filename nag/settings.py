@@ -16,6 +16,10 @@ from patchdiff.sampling import SAMPLERS
 
 # Proxies that score_candidates batches (params and flops are host-side baselines).
 SEARCH_PROXIES = ("grad_norm", "jacov", "naswot", "snip", "synflow")
+# How a round picks what to evaluate: "predictor" (the generator and the sampler propose, the
+# predictor or the proxy ranks) or "random" (CANVAS's random search: the sampler's draws, in
+# draw order; no generator, proxy or predictor).
+RANKS = ("predictor", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,8 @@ class SearchSettings:
     pool: int = 4096
     ops: tuple = ()
     seed: int = 0
+    rank: str = "predictor"
+    prior: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "ops", tuple(self.ops))
@@ -62,6 +68,8 @@ def _search_problem(f):
                 "() (all primitives) or a tuple of names among " + ", ".join(DEFAULT_OPS),
             ),
             ("seed", lambda: count(f["seed"], 0), "a non-negative integer"),
+            ("rank", lambda: f["rank"] in RANKS, f"one of {', '.join(RANKS)}"),
+            ("prior", lambda: isinstance(f["prior"], str), "'' (none) or a path to a .jsonl file"),
         ),
         f,
     )
