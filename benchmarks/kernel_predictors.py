@@ -217,8 +217,9 @@ def sotl_settings(config, steps: int):
 
 
 def score_kernels(config, kernels: list[Kernel], base, workdir, sotl_steps: int, log=print):
-    """{name: {"jacov", "naswot", "sotl_curve", ...}} of the graph kernels, cached in
-    WORKDIR/scores.json (recomputed when the kernels or the settings change)."""
+    """{name: {"jacov", "naswot", "sotl_curve", ...}} of the graph kernels, kept kernel by kernel
+    in WORKDIR/scores.json (an entry is reused while its graph and the settings are the same),
+    so a killed run continues where it stopped."""
     path = pathlib.Path(workdir) / "scores.json"
     settings = ks.read_settings(config)
     space = ks.search_space(config, settings.search)
@@ -226,54 +227,78 @@ def score_kernels(config, kernels: list[Kernel], base, workdir, sotl_steps: int,
     for k in kernels:
         if k.graph is not None and k not in graphs:
             log(f"{k.name} is not a graph of the search's space: trained, not scored.")
-    stamp = {
-        "kernels": {k.name: graph_json(k.graph) for k in graphs},
-        "sotl": dataclasses.asdict(sotl_settings(config, sotl_steps)),
+    sotl = sotl_settings(config, sotl_steps)
+    settings_stamp = {
+        "sotl": dataclasses.asdict(sotl),
         "proxy_images": settings.search.proxy_images,
+        "proxy_sigma": settings.search.proxy_sigma,
     }
-    if path.exists() and json.loads(path.read_text())["stamp"] == stamp:
-        return json.loads(path.read_text())["scores"]
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if stored.get("stamp", {}).get("settings") != settings_stamp:
+        stored = {}
+    kept = stored.get("scores", {})
+    scores = {
+        k.name: kept[k.name]
+        for k in graphs
+        if k.name in kept and kept[k.name].get("graph") == graph_json(k.graph)
+    }
+
+    def save():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kernels = {k.name: graph_json(k.graph) for k in graphs}
+        stamp = {"settings": settings_stamp, "kernels": kernels}
+        write_atomic(path, json.dumps({"stamp": stamp, "scores": scores}, indent=1) + "\n")
+
     s = settings.search
     pool = ks.load_images(config, s.pool)
     images = pool["image"][: s.proxy_images]
-    scores = {k.name: {} for k in graphs}
-    for proxy in ("jacov", "naswot"):
-        tic = time.perf_counter()
-        # the search's own proxy function (its inputs, its parameters around the kernels)
-        proxy_fn = ks.make_proxy_fn(config, base, dataclasses.replace(s, proxy=proxy), images)
-        values = proxy_fn([k.graph for k in graphs])
-        took = (time.perf_counter() - tic) / len(graphs)
-        for k, v in zip(graphs, np.asarray(values), strict=True):
-            scores[k.name][proxy] = float(v) if np.isfinite(v) else None
-            scores[k.name][f"{proxy}_s"] = took
-        log(f"{proxy}: {len(graphs)} kernels in {took * len(graphs):.1f} s")
-    sotl = sotl_settings(config, sotl_steps)
-    sotl = dataclasses.replace(sotl, batching="map", candidates_per_call=min(4, len(graphs)))
+    todo = [k for k in graphs if k.name not in scores]
+    if todo:
+        for k in todo:
+            scores[k.name] = {"graph": graph_json(k.graph)}
+        for proxy in ("jacov", "naswot"):
+            tic = time.perf_counter()
+            # the search's own proxy function (its inputs, its parameters around the kernels)
+            proxy_fn = ks.make_proxy_fn(config, base, dataclasses.replace(s, proxy=proxy), images)
+            values = proxy_fn([k.graph for k in todo])
+            took = (time.perf_counter() - tic) / len(todo)
+            for k, v in zip(todo, np.asarray(values), strict=True):
+                scores[k.name][proxy] = float(v) if np.isfinite(v) else None
+                scores[k.name][f"{proxy}_s"] = took
+            log(f"{proxy}: {len(todo)} kernels in {took * len(todo):.1f} s")
+        save()
+
+    def write_prior():
+        # The sampled kernels' curves so far, for a search's config.nag.prior (baselines left
+        # out: a search should find its kernels, not be handed the hand-made ones).
+        settings_json = dataclasses.asdict(sotl)
+        lines = [
+            json.dumps(
+                {
+                    "name": k.name,
+                    **graph_json(k.graph),
+                    "curve": scores[k.name]["sotl_curve"],
+                    "sotl": settings_json,
+                }
+            )  # fmt: skip
+            for k in graphs
+            if k.source == "sampled" and "sotl_curve" in scores[k.name]
+        ]
+        prior, text = pathlib.Path(workdir) / "prior.jsonl", "".join(line + "\n" for line in lines)
+        if not prior.exists() or prior.read_text() != text:
+            write_atomic(prior, text)
+
     trainer = SotlTrainer(config, base, sotl, space=space)
-    result = trainer.scores([k.graph for k in graphs], pool)
-    per_kernel = result.seconds / len(graphs)
-    for k, curve in zip(graphs, result.curves, strict=True):
-        scores[k.name]["sotl_curve"] = [float(v) for v in curve]
-        scores[k.name]["sotl_s_per_step"] = per_kernel / sotl_steps
-    log(f"SoTL-E: {len(graphs)} kernels x {sotl_steps} steps in {result.seconds:.0f} s")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"stamp": stamp, "scores": scores}, indent=1) + "\n")
-    # The sampled kernels' curves, for a search's config.nag.prior (baselines left out: a
-    # search should find its kernels, not be handed the hand-made ones).
-    settings_json = dataclasses.asdict(sotl)
-    lines = [
-        json.dumps(
-            {
-                "name": k.name,
-                **graph_json(k.graph),
-                "curve": scores[k.name]["sotl_curve"],
-                "sotl": settings_json,
-            }
-        )  # fmt: skip
-        for k in graphs
-        if k.source == "sampled"
-    ]
-    write_atomic(pathlib.Path(workdir) / "prior.jsonl", "".join(line + "\n" for line in lines))
+    for k in sorted(graphs, key=lambda k: k.source != "sampled"):  # the prior's kernels first
+        if "sotl_curve" in scores[k.name]:
+            continue
+        result = trainer.scores([k.graph], pool)
+        scores[k.name]["sotl_curve"] = [float(v) for v in result.curves[0]]
+        scores[k.name]["sotl_s"] = result.seconds
+        save()
+        write_prior()
+        log(f"SoTL-E of {k.name}: {sotl_steps} steps in {result.seconds:.0f} s")
+    write_prior()
     return scores
 
 
@@ -343,12 +368,18 @@ def predictor_table(config, kernels, trained, scores, sotl_steps, folds, log=pri
             float(np.mean([scores[n][f"{proxy}_s"] for n in names])),
         )
     per_call = ks.read_settings(config).sotl.steps_per_call
-    step_s = float(np.mean([scores[n]["sotl_s_per_step"] for n in names]))
+
+    # seconds of a candidate's SoTL-E at S steps: its measured run of sotl_steps, less the
+    # steps it did not need at its from-scratch training's step time (what is left is mostly
+    # the compile)
+    def sotl_cost(n, steps):
+        return scores[n]["sotl_s"] - (sotl_steps - steps) * trained[n]["step_s"]
+
     for steps in sotl_budgets(sotl_steps, per_call):
         for last in sorted({max(steps // 4, 1), steps // 2}):
             predictions[f"SoTL-E search S={steps} E={last}"] = (
                 {n: sotl_e(scores[n]["sotl_curve"], steps, last) for n in names},
-                step_s * steps,
+                float(np.mean([sotl_cost(n, steps) for n in names])),
             )
     total = int(config.train.total_steps)
     scratch_s = float(np.mean([trained[n]["step_s"] for n in names]))

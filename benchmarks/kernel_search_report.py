@@ -9,8 +9,12 @@ and one figure.
 --validation: `benchmarks/kernel_predictors.py`'s workdir (its trainings of seed 0 are reused,
 the others are written beside them); --search / --random: `python -m nag.main` workdirs of ours
 and of random search (`--config.nag.rank=random`), whose winners (report.json) are the last two
-rows. Every row is `kernel_predictors.train_kernel`: the config's recipe from scratch with seed
-s, the held-out loss and fd_fmnist of its EMA, the median wall time of a full-size training step.
+rows; or --random-draws N instead of --random: CANVAS's random search replayed on the
+validation's first N sampled kernels (the sampler's draws, each scored by SoTL-E at the search's
+S and E), its winner the best of them.
+
+Every row is `kernel_predictors.train_kernel`: the config's recipe from scratch with seed s, the
+held-out loss and fd_fmnist of its EMA; step times are measured apart (`step_times`).
 `--shard i/n` trains every n-th missing training (two processes, one core each); a run without
 --shard trains what is missing, then writes the table (BENCHMARKS.md's), the JSON and the PNG:
 fd_fmnist against the network's FLOPs for every kernel trained (validation included), the rows'
@@ -62,12 +66,35 @@ def winner_of(workdir, label: str, known: dict) -> kp.Kernel:
     return kp.Kernel(known.get(graph.canonical_hash(), label), graph, (), label)
 
 
+def random_winner(config, args) -> kp.Kernel:
+    """CANVAS's random search replayed on the validation's draws: of its first
+    `--random-draws` sampled kernels (the sampler's draws in order, all scored by SoTL-E in
+    scores.json), the best by SoTL-E at the search's own S and E (config.nag.sotl)."""
+    sotl = kp.ks.read_settings(config).sotl
+    scores = json.loads((pathlib.Path(args.validation) / "scores.json").read_text())["scores"]
+    graphs = json.loads((pathlib.Path(args.validation) / "scores.json").read_text())["stamp"]
+    names = [f"sampled_{i:02d}" for i in range(args.random_draws)]
+    missing = [n for n in names if n not in scores]
+    if missing:
+        sys.exit(
+            f"kernel_search_report: --random-draws {args.random_draws}: {missing[0]} has no "
+            "SoTL-E in the validation's scores.json; score at least that many (--sampled)."
+        )
+    values = {n: kp.sotl_e(scores[n]["sotl_curve"], sotl.steps, sotl.last) for n in names}
+    best = max((n for n in names if values[n] is not None), key=lambda n: values[n])
+    graph = graphs["kernels"][best]
+    kernel = KernelGraph(tuple(graph["ops"]), tuple(tuple(i) for i in graph["inputs"]))
+    return kp.Kernel(best, kernel, (), "random_winner")
+
+
 def rows_of(config, args) -> list[tuple[str, kp.Kernel]]:
     rows = [("3x3 convolution", kp.Kernel(kp.CONV, None))]
     rows += [(name, kp.Kernel(name, b.graph, b.init)) for name, b in BASELINES.items()]
     known = known_kernels(args.validation)
     if args.random:
         rows.append(("random search's winner", winner_of(args.random, "random_winner", known)))
+    elif args.random_draws:
+        rows.append(("random search's winner", random_winner(config, args)))
     if args.search:
         rows.append(("ours (nag)", winner_of(args.search, "nag_winner", known)))
     return rows
@@ -223,6 +250,10 @@ def parse_args(argv):
     parser.add_argument("--validation", required=True, help="kernel_predictors' --workdir")
     parser.add_argument("--search", default=None, help="nag.main workdir of ours")
     parser.add_argument("--random", default=None, help="nag.main workdir of random search")
+    parser.add_argument(
+        "--random-draws", type=int, default=0,
+        help="without --random: random search as the best SoTL-E of the validation's first N draws",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--fd-samples", type=int, default=500)
     parser.add_argument("--shard", default=None, help="i/n: only train every n-th from i")

@@ -3,9 +3,10 @@
 1. original: the plain U-Net trained by the project's trainer in DIR/original (resumed there);
 2. search, in rounds: propose (the graph diffusion generator, guided by the neural predictor
    once it is fitted, plus fresh `canvas_jax.sample` draws) -> keep graphs that meet the
-   constraints and were never evaluated (canonical hash) -> score every proposal with a
-   zero-cost proxy in one batch -> pick the best few by the predictor's mean + kappa std (by the
-   proxy's rank before the predictor has `min_fit` evaluations) -> train them briefly in one
+   constraints and were never evaluated (canonical hash) -> pick the best few by the
+   predictor's mean + kappa std, or, before the predictor has `min_fit` evaluations, by a
+   zero-cost proxy scored on every proposal in one batch (the "proxy" of later rounds' records
+   is null) -> train them briefly in one
    program and score them by SoTL-E (`nag.sotl`) -> refit the predictor on every evaluation so
    far; until `budget` evaluations or `seconds` of search. With `nag.prior`, kernels evaluated
    before the search (the predictor validation's) join the history from round 0: never
@@ -203,12 +204,15 @@ class Proposer:
         if not proposals:
             return []
         graphs = [graph for graph, _ in proposals]
-        tic = time.perf_counter()
-        proxies = np.asarray(self.proxy_fn(graphs), np.float64)
-        self.log(
-            f"round {round_}: {s.proxy} of {len(graphs)} proposals in "
-            f"{time.perf_counter() - tic:.1f} s"
-        )
+        if fitted:  # the predictor ranks: the proxy (4-11 s a proposal on a CPU) is not needed
+            proxies = np.full(len(graphs), np.nan)
+        else:
+            tic = time.perf_counter()
+            proxies = np.asarray(self.proxy_fn(graphs), np.float64)
+            self.log(
+                f"round {round_}: {s.proxy} of {len(graphs)} proposals in "
+                f"{time.perf_counter() - tic:.1f} s"
+            )
         if fitted:
             mean, std = self.predictor.predict(encode_graphs(graphs, self.space)[:2])
             rank = mean + s.kappa * std

@@ -46,6 +46,7 @@ def grey_search_config(tmp_path):
     nag.generator.enabled = False
     nag.predictor.hidden, nag.predictor.members, nag.predictor.steps = 8, 2, 5
     nag.sotl.steps, nag.sotl.last, nag.sotl.steps_per_call, nag.sotl.batch_size = 4, 2, 2, 8
+    nag.sotl.batching = "compiled"
     nag.finetune.steps, nag.finetune.eval_examples, nag.finetune.eval_batch = 2, 8, 8
     return config
 
