@@ -265,11 +265,20 @@ def parse_args(argv):
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument(
+        "--only", default="", help="with --shard: train only these kernels (names, comma-separated;"
+        " nag_winner and random_winner name the searches' winners)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-train", action="store_true",
+        help="the table from the trainings there are (a row may then have fewer seeds)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
     parser.add_argument("--figure", default="benchmarks/figures/kernel_search.png")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: at least 1")
+    args.only = tuple(name for name in args.only.split(",") if name)
     if args.time_steps < 0 or args.rounds < 1:
         parser.error("--time-steps must be 0 (off) or more and --rounds at least 1")
     if args.shard is not None:
@@ -299,16 +308,25 @@ def run(config, args, log=print) -> dict | None:
     if args.shard is not None:
         index, count = args.shard
         todo = [w for w in work if not kp.trained_path(args.validation, w[0].name, w[1]).exists()]
+        if args.only:
+            todo = [w for w in todo if w[0].name in args.only or w[0].source in args.only]
         for kernel, seed in todo[index::count]:
             kp.train_kernel(config, kernel, seed, args.validation, args.fd_samples, log)
         return None
-    trained = {
-        kernel.name: [
-            kp.train_kernel(config, kernel, seed, args.validation, args.fd_samples, log)
-            for seed in range(args.seeds)
-        ]
-        for _, kernel in rows
-    }
+    trained = {}
+    for _, kernel in rows:
+        runs = []
+        for seed in range(args.seeds):
+            path = kp.trained_path(args.validation, kernel.name, seed)
+            if args.no_train and not path.exists():
+                log(f"{kernel.name} seed {seed} is not trained (--no-train): left out")
+                continue
+            runs.append(
+                kp.train_kernel(config, kernel, seed, args.validation, args.fd_samples, log)
+            )
+        if not runs:
+            sys.exit(f"kernel_search_report: {kernel.name} has no training (--no-train).")
+        trained[kernel.name] = runs
     timed = step_times(config, rows, args.time_steps, args.rounds, log) if args.time_steps else None
     report = table(config, rows, trained, timed)
     log(format_table(report, COLUMNS))

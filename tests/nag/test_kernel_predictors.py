@@ -199,3 +199,15 @@ def test_random_search_evaluates_sampler_draws_in_order(tmp_path):
     )  # fmt: skip
     assert [r["hash"] for r in again] == [r["hash"] for r in records]
     assert (tmp_path / "rs" / RESULTS).read_text().count("\n") == 4
+
+
+def test_the_shipped_prior_fits_its_config():
+    """The validation's curves beside kernel_search_fashion_mnist.py were trained with its SoTL-E
+    settings and are graphs of its space (a config change that breaks this is refused by name)."""
+    config = ksf.get_config()
+    settings = ks.read_settings(config)
+    prior = ks.read_prior(
+        settings.search.prior, settings.sotl, ks.search_space(config, settings.search)
+    )
+    assert len(prior) == 8 and all(r["sotl"] is not None for r in prior)
+    assert len({r["hash"] for r in prior}) == 8
