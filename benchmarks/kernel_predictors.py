@@ -350,6 +350,8 @@ def correlations(predictions: dict, truth: dict, names: list[str]) -> list[dict]
 
 
 def sotl_e(curve, steps: int, last: int) -> float | None:
+    if curve is None:  # not scored (a run stopped before it)
+        return None
     window = np.asarray(curve[steps - last : steps], np.float64)
     return None if not np.isfinite(window).all() else -float(window.sum())
 
@@ -378,17 +380,21 @@ def predictor_table(config, kernels, trained, scores, sotl_steps, folds, log=pri
     for steps in sotl_budgets(sotl_steps, per_call):
         for last in sorted({max(steps // 4, 1), steps // 2}):
             predictions[f"SoTL-E search S={steps} E={last}"] = (
-                {n: sotl_e(scores[n]["sotl_curve"], steps, last) for n in names},
-                float(np.mean([sotl_cost(n, steps) for n in names])),
+                {n: sotl_e(scores[n].get("sotl_curve"), steps, last) for n in names},
+                float(np.mean([sotl_cost(n, steps) for n in names if "sotl_s" in scores[n]])),
             )
     total = int(config.train.total_steps)
-    scratch_s = float(np.mean([trained[n]["step_s"] for n in names]))
+
+    def scratch_cost(n, steps):  # the training's compile (what its steps do not explain) + S steps
+        run = trained[n]
+        return run["train_s"] - (total - steps) * run["step_s"]
+
     steps = total // 8
     while steps <= total:
         last = max(steps // 4, 1)
         predictions[f"SoTL-E scratch S={steps} E={last}"] = (
             {n: sotl_e(trained[n]["curve"], steps, last) for n in names},
-            scratch_s * steps,
+            float(np.mean([scratch_cost(n, steps) for n in names])),
         )
         steps *= 2
     targets = -np.array([truth["loss"][n] for n in names])
