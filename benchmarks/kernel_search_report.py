@@ -50,8 +50,8 @@ def known_kernels(validation) -> dict:
     for path in sorted((pathlib.Path(validation) / "trained").glob("*_seed0.json")):
         graph = json.loads(path.read_text())["stamp"]["graph"]
         if graph is not None:
-            g = KernelGraph(tuple(graph["ops"]), tuple(tuple(i) for i in graph["inputs"]))
-            known.setdefault(g.canonical_hash(), path.name.removesuffix("_seed0.json"))
+            name = path.name.removesuffix("_seed0.json")
+            known.setdefault(kp.ks.graph_of(graph).canonical_hash(), name)
     return known
 
 
@@ -62,7 +62,7 @@ def winner_of(workdir, label: str, known: dict) -> kp.Kernel:
     if not path.is_file():
         sys.exit(f"kernel_search_report: {path} is missing: run `python -m nag.main` there first.")
     winner = json.loads(path.read_text())["winner"]
-    graph = KernelGraph(tuple(winner["ops"]), tuple(tuple(i) for i in winner["inputs"]))
+    graph = kp.ks.graph_of(winner)
     return kp.Kernel(known.get(graph.canonical_hash(), label), graph, (), label)
 
 
@@ -71,8 +71,8 @@ def random_winner(config, args) -> kp.Kernel:
     `--random-draws` sampled kernels (the sampler's draws in order, all scored by SoTL-E in
     scores.json), the best by SoTL-E at the search's own S and E (config.nag.sotl)."""
     sotl = kp.ks.read_settings(config).sotl
-    scores = json.loads((pathlib.Path(args.validation) / "scores.json").read_text())["scores"]
-    graphs = json.loads((pathlib.Path(args.validation) / "scores.json").read_text())["stamp"]
+    stored = json.loads((pathlib.Path(args.validation) / "scores.json").read_text())
+    scores, graphs = stored["scores"], stored["stamp"]["kernels"]
     names = [f"sampled_{i:02d}" for i in range(args.random_draws)]
     missing = [n for n in names if n not in scores]
     if missing:
@@ -82,9 +82,7 @@ def random_winner(config, args) -> kp.Kernel:
         )
     values = {n: kp.sotl_e(scores[n]["sotl_curve"], sotl.steps, sotl.last) for n in names}
     best = max((n for n in names if values[n] is not None), key=lambda n: values[n])
-    graph = graphs["kernels"][best]
-    kernel = KernelGraph(tuple(graph["ops"]), tuple(tuple(i) for i in graph["inputs"]))
-    return kp.Kernel(best, kernel, (), "random_winner")
+    return kp.Kernel(best, kp.ks.graph_of(graphs[best]), (), "random_winner")
 
 
 def rows_of(config, args) -> list[tuple[str, kp.Kernel]]:

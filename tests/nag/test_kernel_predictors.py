@@ -164,8 +164,7 @@ def test_the_validation_end_to_end_and_its_re_run(tmp_path, monkeypatch):
         tmp_path / "search", space, constraints, settings, evaluate=evaluate,
         proxy_fn=lambda graphs: np.zeros(len(graphs)), log=lines.append,
     )  # fmt: skip
-    prior_hashes = {kp.KernelGraph(tuple(p["ops"]), tuple(map(tuple, p["inputs"]))).canonical_hash()
-                    for p in prior}  # fmt: skip
+    prior_hashes = {ks.graph_of(p).canonical_hash() for p in prior}
     assert len(records) == 2 and not prior_hashes & set(evaluated)
     assert all(r["predicted_mean"] is not None for r in records)  # fitted on the prior
 
