@@ -410,6 +410,24 @@ def predictor_table(config, kernels, trained, scores, sotl_steps, folds, log=pri
 # -- the command ------------------------------------------------------------------------------
 
 
+def parse_shard(parser, text: str) -> tuple[int, int]:
+    """--shard i/n as (i, n), or the parser's usage error."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        parser.error(f"--shard {text!r}: i/n with 0 <= i < n, e.g. 0/2")
+    return index, count
+
+
+def load_with_overrides(spec: str, overrides):
+    """`spec`'s config ('path.py[:options]') with each --set FIELD=VALUE applied."""
+    config = load_config(spec)
+    for item in overrides:
+        override(config, item)
+    return config
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a kernel-search config (with config.nag)")
@@ -428,12 +446,7 @@ def parse_args(argv):
         help="a config override, e.g. --set train.total_steps=400 (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    try:
-        index, count = (int(v) for v in args.shard.split("/"))
-        assert 0 <= index < count
-    except (ValueError, AssertionError):
-        parser.error(f"--shard {args.shard!r}: i/n with 0 <= i < n, e.g. 0/2")
-    args.shard = (index, count)
+    args.shard = parse_shard(parser, args.shard)
     for name in ("sampled", "sotl_steps", "fd_samples", "folds"):
         if getattr(args, name) < (0 if name == "sampled" else 1):
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be positive")
@@ -463,9 +476,7 @@ def override(config, item: str) -> None:
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config)
-        for item in args.set:
-            override(config, item)
+        config = load_with_overrides(args.config, args.set)
         ks.read_settings(config)
     except config_lib.ConfigError as err:
         sys.exit(f"kernel_predictors: {err}")

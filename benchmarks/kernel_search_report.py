@@ -31,7 +31,6 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import kernel_predictors as kp
-from benchmarks.model_cost import load_config
 from canvas_jax.baselines import BASELINES
 from canvas_jax.graph import KernelGraph
 from canvas_jax.sample import Constraints, kernel_shapes
@@ -280,21 +279,14 @@ def parse_args(argv):
     if args.time_steps < 0 or args.rounds < 1:
         parser.error("--time-steps must be 0 (off) or more and --rounds at least 1")
     if args.shard is not None:
-        try:
-            index, count = (int(v) for v in args.shard.split("/"))
-            assert 0 <= index < count
-        except (ValueError, AssertionError):
-            parser.error(f"--shard {args.shard!r}: i/n with 0 <= i < n, e.g. 0/2")
-        args.shard = (index, count)
+        args.shard = kp.parse_shard(parser, args.shard)
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_config(args.config)
-        for item in args.set:
-            kp.override(config, item)
+        config = kp.load_with_overrides(args.config, args.set)
     except config_lib.ConfigError as err:
         sys.exit(f"kernel_search_report: {err}")
     return run(config, args)
