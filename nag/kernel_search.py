@@ -206,6 +206,8 @@ class Proposer:
         graphs = [graph for graph, _ in proposals]
         if fitted:  # the predictor ranks: the proxy (4-11 s a proposal on a CPU) is not needed
             proxies = np.full(len(graphs), np.nan)
+            mean, std = self.predictor.predict(encode_graphs(graphs, self.space)[:2])
+            rank = mean + s.kappa * std
         else:
             tic = time.perf_counter()
             proxies = np.asarray(self.proxy_fn(graphs), np.float64)
@@ -213,10 +215,6 @@ class Proposer:
                 f"round {round_}: {s.proxy} of {len(graphs)} proposals in "
                 f"{time.perf_counter() - tic:.1f} s"
             )
-        if fitted:
-            mean, std = self.predictor.predict(encode_graphs(graphs, self.space)[:2])
-            rank = mean + s.kappa * std
-        else:
             mean = std = [None] * len(graphs)
             rank = np.where(np.isfinite(proxies), proxies, -np.inf)
         order = np.argsort(-np.asarray(rank, np.float64), kind="stable")[:count]
@@ -242,6 +240,7 @@ def search(
     evaluate,
     proxy_fn,
     generator=None,
+    prior: list[dict] | None = None,
     log=print,
 ):
     """Runs (or resumes) the search in `workdir`; returns all records, one per evaluation.
@@ -249,10 +248,12 @@ def search(
     evaluate(graphs) -> an object with scores [Q] (SoTL-E, higher is better, NaN for a failed
     training) and curves [Q, S] (e.g. `SotlTrainer.scores`); proxy_fn(graphs) -> [M] scores;
     generator: see `Proposer`.
+    prior: `read_prior`'s records (default: read from settings.search.prior).
     """
     s = settings.search
     path, records = open_records(workdir)  # a torn last line dropped
-    prior = read_prior(s.prior, settings.sotl, space) if s.prior else []
+    if prior is None:
+        prior = read_prior(s.prior, settings.sotl, space) if s.prior else []
     proposer = Proposer(space, constraints, settings, proxy_fn, generator, log)
     start = time.perf_counter() - (records[-1]["seconds"] if records else 0.0)
     best = max(
@@ -261,10 +262,9 @@ def search(
     round_ = 0
     with path.open("a") as out:
         while True:
-            history = [r for r in records if r["round"] < round_]
-            if len(history) >= s.budget:
+            own = [r for r in records if r["round"] < round_]
+            if len(own) >= s.budget:
                 break
-            history = prior + history
             recorded = [r for r in records if r["round"] == round_]
             if recorded and len(recorded) == recorded[0]["picked"]:
                 round_ += 1  # replayed from the file
@@ -272,9 +272,7 @@ def search(
             if not recorded and s.seconds and time.perf_counter() - start >= s.seconds:
                 log(f"search: the time budget of {s.seconds:g} s is spent.")
                 break
-            picks = proposer.picks(
-                round_, history, min(s.per_round, s.budget - len(history) + len(prior))
-            )
+            picks = proposer.picks(round_, prior + own, min(s.per_round, s.budget - len(own)))
             if not picks:
                 log(f"round {round_}: no new graph meets the constraints; the search stops.")
                 break
@@ -436,6 +434,7 @@ def run(config, workdir, log=print) -> dict:
         settings,
         evaluate=lambda graphs: trainer.scores(graphs, pool),
         proxy_fn=make_proxy_fn(config, base, s, images["image"]),
+        prior=prior,
         log=log,
     )
     winner = best_record(prior + records)
