@@ -28,7 +28,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_arg(arg)
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.distributed = False  # multi-host: jax.distributed.initialize() before anything else
+    # Several processes (hosts, or one per GPU): every process runs the same command with
+    # --config.distributed=True and calls jax.distributed.initialize() before anything else.
+    config.distributed = False
+    # Where the processes find each other. Left as they are, jax reads them from the cluster
+    # (Slurm, Cloud TPU VMs, GKE TPU, Open MPI, or JAX_COORDINATOR_ADDRESS/_PORT); set
+    # coordinator, num_processes and process_id (cluster = "manual") anywhere else.
+    config.multihost = ml_collections.ConfigDict()
+    config.multihost.cluster = "auto"  # auto, manual, slurm, ompi, mpi4py, tpu, gcetpu, gketpu
+    config.multihost.coordinator = ""  # "host:port" of process 0
+    config.multihost.num_processes = 0  # 0 = from the cluster
+    config.multihost.process_id = -1  # -1 = from the cluster
+    config.multihost.local_device_ids = ()  # () = all of this host's (or the cluster's split)
+    config.multihost.timeout_s = 300  # to wait for every process to connect
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "tfds"  # tfds, fashion_mnist, idx, npz, folder
@@ -106,6 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.model = 1  # devices per model-parallel group; the rest is data parallel
+    # How the gradient mean over the data axis is summed: "allreduce" (the collective library's
+    # order, which depends on how devices are split over processes) or "fixed_order" (an
+    # all-to-all, a sum in device order, an all-gather: the same sum of the same per-device
+    # gradients on 1 process x 8 devices as on 2 x 4; about 3 gradient copies of extra memory;
+    # needs mesh.model = 1). On XLA:CPU the per-device gradients themselves differ in the last
+    # bits with the process's device count (tests/train/test_multiprocess.py).
+    config.mesh.reduction = "allreduce"
 
     # DDPM++ at CIFAR-10 size (EDM, Table 7 / `--arch=ddpmpp`): 128 channels, mult (2, 2, 2),
     # 4 blocks per level, one-head attention at 16x16, dropout 0.13; 55.7 M parameters.

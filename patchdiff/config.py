@@ -20,6 +20,10 @@ from patchdiff.models.unet import level_resolutions
 PATCH_SIZES = (1, 2, 4, 8)
 NOISE_EMBEDDINGS = ("fourier", "positional")
 VP_SCHEDULES = ("cosine", "linear")
+REDUCTIONS = ("allreduce", "fixed_order")
+# config.multihost.cluster: jax's cluster detection methods, "auto" (the first one present) and
+# "manual" (none: coordinator, num_processes and process_id from the config).
+CLUSTERS = ("auto", "manual", "slurm", "ompi", "mpi4py", "tpu", "gcetpu", "gketpu")
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,7 @@ def validate(config):
     _validate_model(config)
     _validate_diffusion(config)
     _validate_train(config)
+    _validate_multihost(config)
     _validate_sample(config.sample)
     _validate_eval(config)
     return config
@@ -325,6 +330,84 @@ def _validate_train(config):
         )
     _positive_int("train.keep_checkpoints", t.keep_checkpoints)
     _positive_int("mesh.model", config.mesh.model)
+    _one_of("mesh.reduction", config.mesh.reduction, REDUCTIONS)
+    if config.mesh.reduction == "fixed_order":
+        _check(
+            config.mesh.model == 1,
+            "mesh.reduction",
+            config.mesh.reduction,
+            f"it needs config.mesh.model = 1 (it is {config.mesh.model}): the fixed-order sum "
+            "runs over the data axis of a data-parallel mesh",
+        )
+
+
+def _validate_multihost(config):
+    h = config.multihost
+    _check(
+        isinstance(config.distributed, bool),
+        "distributed",
+        config.distributed,
+        "it must be True or False",
+    )
+    _one_of("multihost.cluster", h.cluster, CLUSTERS)
+    if h.coordinator:
+        host, _, port = str(h.coordinator).rpartition(":")
+        _check(
+            bool(host) and port.isdigit() and 0 < int(port) < 65536,
+            "multihost.coordinator",
+            h.coordinator,
+            'it must be "host:port" (process 0\'s address and a free port), or "" to take it '
+            "from the cluster",
+        )
+    _check(
+        _is_int(h.num_processes) and h.num_processes >= 0,
+        "multihost.num_processes",
+        h.num_processes,
+        "it must be 0 (from the cluster) or a positive number of processes",
+    )
+    _check(
+        _is_int(h.process_id)
+        and h.process_id >= -1
+        and (h.num_processes == 0 or h.process_id < h.num_processes),
+        "multihost.process_id",
+        h.process_id,
+        "it must be -1 (from the cluster) or lie in [0, config.multihost.num_processes)",
+    )
+    ids = tuple(h.local_device_ids)
+    _check(
+        all(_is_int(i) and i >= 0 for i in ids) and len(set(ids)) == len(ids),
+        "multihost.local_device_ids",
+        h.local_device_ids,
+        "it must be () (all) or distinct non-negative device numbers",
+    )
+    _check(
+        isinstance(h.timeout_s, int | float) and h.timeout_s > 0,
+        "multihost.timeout_s",
+        h.timeout_s,
+        "it must be a positive number of seconds",
+    )
+    if h.cluster == "manual":
+        for field, unset in (("coordinator", ""), ("num_processes", 0), ("process_id", -1)):
+            _check(
+                h[field] != unset,
+                f"multihost.{field}",
+                h[field],
+                'config.multihost.cluster = "manual" needs coordinator, num_processes and '
+                "process_id set",
+            )
+    if not config.distributed:
+        for field, unset in (
+            ("cluster", "auto"),
+            ("coordinator", ""),
+            ("num_processes", 0),
+            ("process_id", -1),
+        ):
+            _check(
+                h[field] == unset,
+                f"multihost.{field}",
+                h[field],
+                "it only applies to several processes: add --config.distributed=True",
+            )
 
 
 def _validate_sample(s):

@@ -10,13 +10,12 @@ then the denoising error on held-out images), `summary`
 
 import logging
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from patchdiff import config as config_lib
-from patchdiff import summary, train
+from patchdiff import distributed, summary, train
 from patchdiff.data import DataError
 from patchdiff.metrics import MetricError
 from patchdiff.train.checkpoint import CheckpointError
@@ -48,10 +47,15 @@ def main(argv):
         config = config_lib.validate(FLAGS.config)
     except config_lib.ConfigError as e:
         raise SystemExit(f"patchdiff: {e}") from None  # one sentence, no usage dump
-    if config.distributed:  # every host runs this same command; jax finds its peers
-        jax.distributed.initialize()
     if FLAGS.mode in NEEDS_WORKDIR and not FLAGS.workdir:
         raise SystemExit(f"patchdiff: --mode {FLAGS.mode} needs --workdir DIR.")
+    try:
+        if config.distributed:  # every process runs this same command; jax finds its peers
+            distributed.initialize(config)
+    except config_lib.ConfigError as e:
+        raise SystemExit(f"patchdiff: {e}") from None
+    if FLAGS.mode in NEEDS_WORKDIR:
+        distributed.log_start()
     try:
         MODES[FLAGS.mode](config, FLAGS.workdir)
     except (

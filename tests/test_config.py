@@ -120,6 +120,22 @@ BAD = [
         "config.data.source = 'hub' is not allowed: it must be one of fashion_mnist, folder, idx, npz, tfds",
     ),
     ("data.fit", "stretch", "it must be one of crop_resize, pad"),
+    ("mesh.reduction", "tree", "it must be one of allreduce, fixed_order"),
+    (
+        "multihost.cluster",
+        "k8s",
+        "config.multihost.cluster = 'k8s' is not allowed: it must be one of auto, manual, slurm",
+    ),
+    ("multihost.coordinator", "localhost", 'it must be "host:port"'),
+    ("multihost.num_processes", -2, "it must be 0 (from the cluster) or a positive number"),
+    ("multihost.process_id", -3, "it must be -1 (from the cluster) or lie in"),
+    ("multihost.local_device_ids", (0, 0), "it must be () (all) or distinct non-negative"),
+    ("multihost.timeout_s", 0, "it must be a positive number of seconds"),
+    (
+        "multihost.coordinator",
+        "10.0.0.1:1234",
+        "config.multihost.coordinator = '10.0.0.1:1234' is not allowed: it only applies to several processes: add --config.distributed=True",
+    ),
 ]
 
 
@@ -136,6 +152,59 @@ def test_each_bad_value_gives_one_sentence_naming_the_field(field, value, messag
     text = str(info.value)
     assert message in text
     assert text.count(". ") == 0 and text.endswith(".")  # one sentence
+
+
+def test_multihost_fields_that_go_together():
+    config = base.get_config()
+    config.distributed = True
+    config.multihost.cluster = "manual"
+    with pytest.raises(config_lib.ConfigError, match='cluster = "manual" needs coordinator'):
+        config_lib.validate(config)
+    config.multihost.update(coordinator="127.0.0.1:1234", num_processes=2, process_id=2)
+    with pytest.raises(config_lib.ConfigError, match=r"lie in \[0, config.multihost.num_proc"):
+        config_lib.validate(config)
+    config.multihost.process_id = 1
+    config_lib.validate(config)
+    config.mesh.update(reduction="fixed_order", model=2)
+    with pytest.raises(config_lib.ConfigError, match="it needs config.mesh.model = 1"):
+        config_lib.validate(config)
+
+
+def test_main_names_a_missing_cluster_or_coordinator_in_one_line():
+    result = run_main(
+        "--config",
+        "ml_collections_configs/base.py:runlocal",
+        "--config.distributed=True",
+        "--workdir",
+        "unused",
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("patchdiff: config.distributed = True, but no cluster (Slurm, a Cloud TPU VM")
+    ), result.stderr
+    result = run_main(
+        "--config",
+        "ml_collections_configs/base.py:runlocal",
+        "--config.distributed=True",
+        "--config.multihost.cluster=manual",
+        "--config.multihost.coordinator=127.0.0.1:1",
+        "--config.multihost.num_processes=2",
+        "--config.multihost.process_id=1",
+        "--config.multihost.timeout_s=1",
+        "--workdir",
+        "unused",
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "patchdiff: config.multihost.coordinator = '127.0.0.1:1' did not answer within "
+            "config.multihost.timeout_s = 1 s"
+        )
+    ), result.stderr
 
 
 def test_vp_linear_needs_more_than_twenty_steps():
