@@ -8,6 +8,7 @@ checkpoint kept.
 """
 
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -15,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -110,11 +112,21 @@ def train_and_evaluate(config, workdir) -> dict:
 
     prefetch = data_lib.Prefetcher(produce, start, depth=config.data.prefetch)
 
-    # Signals: finish the step, save, leave.
+    # Signals: finish the step, save, leave. With several processes, jax's preemption service
+    # holds SIGTERM (jax.distributed.initialize installs it): a SIGTERM to any process makes
+    # every process's reached_preemption_sync_point true at the same step, so all save that step
+    # and leave; a process that stopped alone would leave the others waiting in a collective.
+    # Ctrl-C is turned into that SIGTERM.
+    multihost = jax.process_count() > 1
     stop = {"signal": None}
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
+    if multihost:
+        previous[signal.SIGINT] = signal.signal(
+            signal.SIGINT, lambda s, f: os.kill(os.getpid(), signal.SIGTERM)
+        )
+    else:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
 
     # Training seconds (evaluation and sample grids excluded), carried across resumes: the
     # clock of train.time_limit_s and of the metrics' train_seconds.
@@ -149,9 +161,16 @@ def train_and_evaluate(config, workdir) -> dict:
             images_seen += batch["image"].shape[0]
             window["metrics"].append(metrics)
             window["sizes"].append(patch_size)
+            # Steps counted from this run's start: jax picks the sync step as the highest one
+            # reported plus one, which is 1 for a SIGTERM before the first report, a step a
+            # resumed run's own numbering has left behind.
+            if multihost and multihost_utils.reached_preemption_sync_point(step - start):
+                stop["signal"] = signal.SIGTERM
             if tcfg.time_limit_s:
                 jax.block_until_ready(state.step)  # the limit counts finished steps
                 out_of_time = train_seconds() >= tcfg.time_limit_s
+                if multihost:  # process 0's clock decides for all: the same last step
+                    out_of_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(out_of_time)))
             last = step == tcfg.total_steps or out_of_time
             if step % tcfg.log_every == 0 or last:
                 report = _report(window, int(state.bad_step), step)
@@ -169,9 +188,9 @@ def train_and_evaluate(config, workdir) -> dict:
             if checkpointer.save(step, state, meta(step), force=out_of_time):
                 for old in [s for s in list(positions) if s < step]:  # atomic copy
                     positions.pop(old, None)
-            if generator is not None and step % tcfg.sample_every == 0 and primary:
+            if generator is not None and step % tcfg.sample_every == 0:
                 t = time.perf_counter()
-                _sample_grid(generator, state, config, workdir, step)
+                _sample_grid(generator, state, config, workdir, step, primary)
                 _pause(clock, window, time.perf_counter() - t)
             every = config.eval.every_images
             due = every and (
@@ -293,9 +312,19 @@ class BestKeeper:
         return True
 
 
-def _sample_grid(generator, state, config, workdir, step):
-    images, _ = generate.generate_all(generator, state.ema, config, config.sample.num_images)
-    save_grid(images, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
+def _sample_grid(generator, state, config, workdir, step, primary):
+    """The grid of the EMA's samples, written by process 0. Replicated parameters are sampled
+    from this host's copy, by process 0 alone; parameters sharded over hosts (config.mesh.model
+    across processes) are gathered by every process first, a collective they all join."""
+    ema = state.ema
+    if jax.process_count() > 1:
+        if all(a.is_fully_replicated for a in jax.tree.leaves(ema)):
+            ema = jax.tree.map(lambda a: a.addressable_data(0), ema)
+        else:
+            ema = multihost_utils.process_allgather(ema, tiled=True)
+    if primary:
+        images, _ = generate.generate_all(generator, ema, config, config.sample.num_images)
+        save_grid(images, pathlib.Path(workdir) / "samples" / f"step_{step:07d}.png")
 
 
 def restore_latest(config, workdir):
