@@ -3,6 +3,8 @@
     pip install -e ".[test]"     # CPU, with what the tests need
     pip install -e ".[gpu]"      # NVIDIA GPUs: CUDA build of jax, and jax-triton for kernels/
     pip install -e ".[tpu]"      # TPU VMs
+    pip install -e ".[launch]"   # launch/xm_launch.py (xmanager)
+    pip install -e ".[aot]"      # launch/aot_compile.py --topology (libtpu, on any machine)
 
 The lower bounds are the versions the test suite was run with (CPU, Python 3.11, 2026-11); the
 GPU machines run jax 0.11.2 with Python 3.12. TensorFlow is deliberately absent: tfds reads
@@ -38,10 +40,21 @@ EXTRAS = {
         "pytest-xdist>=3.8",
         "ruff>=0.15,<0.18",
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
+        # launch/colab/: the notebook runs in the suite (nbmake) and stays paired with its
+        # jupytext .py (a test compares them).
+        "nbmake>=1.5",
+        "ipykernel>=6.29",
+        "jupytext>=1.16",
+        # the notebook plots the loss and fd_fmnist; the kernel-search report draws its figure
+        "matplotlib>=3.8",
     ],
     # jax-triton refuses to import without a CUDA build of jax: only kernels/ may import it, lazily.
     "gpu": ["jax[cuda13]>=0.10.2", "jax-triton>=0.3.1"],
     "tpu": ["jax[tpu]>=0.10.2"],
+    # launch/xm_launch.py: xmanager's local and Vertex AI backends (~90 packages, ~620 MB).
+    "launch": ["xmanager>=0.8.5"],
+    # launch/aot_compile.py --topology: compiles for a TPU pod from a CPU-only machine.
+    "aot": ["libtpu"],
     # Only to prepare TFDS datasets once (tfds encodes images with TF); training never needs it.
     "prepare": ["tensorflow-cpu>=2.16"],
 }
