@@ -86,8 +86,9 @@ CHIPS = {
 ALIASES = {"v5litepod": "v5e"}  # the accelerator-type spelling of v5e slices
 _ADVICE = ("lower config.train.batch_size, raise config.train.grad_accum or config.mesh.model, "
            "or set config.model.dtype = 'bfloat16'")  # fmt: skip
-# The one comparison made: EDM's DDPM++ (cifar10_ddpmpp.py) at 64 images per device on 8 devices,
-# temporaries of 24.2 GiB by XLA:CPU and 2.8 GiB by XLA:TPU for v5e-8 (libtpu 0.0.52).
+# Measured on EDM's DDPM++ (cifar10_ddpmpp.py, batch 512; libtpu 0.0.52): temporaries per device
+# of 24.2 GiB by XLA:CPU and 2.8 GiB by XLA:TPU on v5e-8 (64 images per device), 961 and 593
+# MiB on v5e-256 (2 per device).
 _CPU_VS_TPU = "XLA:CPU's temporaries were 8.6x XLA:TPU's for cifar10_ddpmpp.py on v5e-8"
 MARGINAL = 0.9  # fraction of the capacity above which a fit is reported as marginal
 

@@ -2,7 +2,7 @@
 (state bytes against the parameter count, the batch shard, FLOPs, the XLA:CPU estimate where the
 process has the devices), the refusals (a batch that does not split, a mesh.model that does not
 divide, an unknown topology, a capacity too small: exit code 1, one sentence), and, where libtpu
-imports, a compile for v5e-8."""
+imports, a compile for v5e-8 and XLA:TPU's own out-of-memory refusal."""
 
 import json
 import os
@@ -25,8 +25,9 @@ FMNIST = "ml_collections_configs/fashion_mnist.py:runlocal"
 
 
 def small_config(batch_size=64):
-    """The tests' tiny U-Net at 8x8 without attention, one patch size: one program per mesh."""
-    config = tiny_config(resolution=8, attn_resolutions=())
+    """The tests' tiny U-Net at 8x8, one level, no attention, one patch size: one program per
+    mesh, compiled by XLA:CPU in seconds."""
+    config = tiny_config(resolution=8, attn_resolutions=(), channel_mult=(1,))
     config.diffusion.patch_scales, config.diffusion.patch_probs = (1.0,), (1.0,)
     config.train.batch_size = batch_size
     return config_lib.validate(config)
@@ -100,13 +101,13 @@ def test_fit_message(analysed):
     _, [on8] = analysed[8]
     assert aot.fit_message([on8], None, "--memory-gib") is None
     assert aot.fit_message([on8], 80, "--memory-gib") is None
-    message = aot.fit_message([on8], 0.001, "a v5e chip")
+    message = aot.fit_message([on8], 1e-6, "a v5e chip")
     assert message.count(". ") == 0 and message.endswith(".")
     assert f"{on8.total / aot.GIB:.3g} GiB per device" in message and "v5e chip" in message
     for field in ("batch_size", "grad_accum", "mesh.model", "model.dtype"):
         assert field in message
     _, [on64] = analysed[64]
-    assert "at least" in aot.fit_message([on64], 0.001, "--memory-gib")
+    assert "at least" in aot.fit_message([on64], 1e-6, "--memory-gib")
 
 
 def test_patch_plan_is_the_loops():
@@ -241,7 +242,7 @@ def test_compiles_for_v5e_8(libtpu_environment):
 
 @needs_libtpu
 def test_xla_tpu_out_of_memory_is_refused(libtpu_environment):
-    config = small_config(batch_size=2**18)  # 40 GiB of temporaries on one v5e chip
+    config = small_config(batch_size=2**18)  # temporaries far beyond one v5e chip
     mesh = aot.topology_mesh(config, aot.parse_topology("v5e-1"))
     with pytest.raises(aot.AotError, match=r"^XLA:TPU ran out of memory compiling the train step "
                        r"at patch size 8 \(its temporaries need .* of HBM it may use per device\): "
