@@ -25,8 +25,16 @@ from test_train import ROOT, make_data, tiny_config
 
 from patchdiff.train.loop import restore_latest
 
-# The gradient mean summed in device order on both layouts (patchdiff/train/step.py).
-FIXED = "--config.mesh.reduction=fixed_order"
+# The gradient mean summed in device order on both layouts (patchdiff/train/step.py), and a
+# one-level U-Net without attention: each of the four runs compiles its train step afresh
+# (several CPU processes never use the compilation cache: patchdiff/distributed.py).
+OVERRIDES = {
+    "mesh.reduction": "fixed_order",
+    "model.channel_mult": (1,),
+    "model.attn_resolutions": (),
+    "train.grad_noise_scale": False,
+}
+FIXED = [f"--config.{k}={str(v).replace(' ', '')}" for k, v in OVERRIDES.items()]
 
 
 def free_port() -> int:
@@ -48,7 +56,7 @@ def start(workdir, data, devices, *overrides, log=None):
         "--workdir",
         str(workdir),
         f"--config.data.path={data}",
-        FIXED,
+        *FIXED,
         *overrides,
     ]
     flags = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
@@ -99,11 +107,11 @@ def checkpoints(run):
     return sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
 
 
-def test_two_processes_stopped_killed_and_resumed_end_bitwise_equal_to_one(tmp_path):
+def test_two_processes_stopped_killed_and_resumed_end_where_one_process_ends(tmp_path):
     """One process with 8 devices trains 8 steps. Two processes with 4 devices each train the
     same: SIGTERM to process 1 alone stops both at the same step with a checkpoint and exit 0;
     the resumed pair is killed (SIGKILL) after its next checkpoint; the pair resumed again
-    finishes with the same bits as the one process."""
+    finishes where the one process does, to float32 rounding (module docstring)."""
     data = make_data(tmp_path / "d.npz")
     steps = "--config.train.total_steps=8"
     one = start(tmp_path / "one", data, 8, steps)
@@ -137,7 +145,9 @@ def test_two_processes_stopped_killed_and_resumed_end_bitwise_equal_to_one(tmp_p
     pair = start_pair(run, data, steps)  # resumes from the newest whole checkpoint
     wait_all(pair, run)
     config = tiny_config(data)
-    config.mesh.reduction = "fixed_order"
+    for key, value in OVERRIDES.items():
+        group, name = key.split(".")
+        setattr(config[group], name, value)
     _, a, meta_a = restore_latest(config, tmp_path / "one")
     _, b, meta_b = restore_latest(config, run)
     assert meta_a["step"] == meta_b["step"] == 8
