@@ -147,10 +147,7 @@ def _parser() -> _Parser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, extra = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    ours, extra = sweep_lib.split_args(list(sys.argv[1:] if argv is None else argv))
     try:
         args = _parser().parse_args(ours)
         if args.submit and shutil.which("sbatch") is None:

@@ -162,14 +162,7 @@ def _sweeps(what: str, parts) -> list[Sweep]:
 
 def product(*sweeps: Sweep) -> Sweep:
     """Every combination; the last sweep varies fastest."""
-    parts = _sweeps("product", sweeps)
-    out = []
-    for combo in itertools.product(*parts):
-        merged = Trial()
-        for part in combo:
-            merged = merged + part
-        out.append(merged)
-    return Sweep(out)
+    return _merged(itertools.product(*_sweeps("product", sweeps)))
 
 
 def zip_(*sweeps: Sweep) -> Sweep:
@@ -178,8 +171,13 @@ def zip_(*sweeps: Sweep) -> Sweep:
     lengths = [len(p) for p in parts]
     if len(set(lengths)) > 1:
         raise SweepError(f"zip_() needs sweeps of equal lengths, got lengths {lengths}.")
+    return _merged(zip(*parts, strict=True))
+
+
+def _merged(combos) -> Sweep:
+    """One trial per combination of trials, their overrides merged (a key set twice refused)."""
     out = []
-    for combo in zip(*parts, strict=True):
+    for combo in combos:
         merged = Trial()
         for part in combo:
             merged = merged + part
@@ -519,7 +517,7 @@ def _parser() -> _Parser:
     return p
 
 
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """Our options, and the patchdiff.main arguments after `--`."""
     if "--" in argv:
         i = argv.index("--")
@@ -578,7 +576,7 @@ def _main(args, extra: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ours, extra = _split(list(sys.argv[1:] if argv is None else argv))
+    ours, extra = split_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return _main(_parser().parse_args(ours), extra)
     except SweepError as e:

@@ -224,10 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ours, extra = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    ours, extra = sweep_lib.split_args(list(sys.argv[1:] if argv is None else argv))
     try:
         options, xm_flags = _parser().parse_known_args(ours)
         unknown = [a for a in xm_flags if not a.startswith(("--xm_", "--noxm_"))]

@@ -15,13 +15,11 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-from test_train import ROOT, make_data, tiny_config
+from test_train import make_data, start_cli, tiny_config
 
 from patchdiff.train.loop import restore_latest
 
@@ -44,27 +42,8 @@ def free_port() -> int:
 
 
 def start(workdir, data, devices, *overrides, log=None):
-    """patchdiff.main on the tiny config in a subprocess with `devices` fake CPU devices."""
-    from conftest import TEST_XLA_FLAGS
-
-    args = [
-        sys.executable,
-        "-m",
-        "patchdiff.main",
-        "--config",
-        str(ROOT / "tests" / "train" / "tiny_config.py"),
-        "--workdir",
-        str(workdir),
-        f"--config.data.path={data}",
-        *FIXED,
-        *overrides,
-    ]
-    flags = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 (closed by the caller)
-    return subprocess.Popen(
-        args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env
-    )
+    """patchdiff.main on the tiny config with OVERRIDES, on `devices` fake CPU devices."""
+    return start_cli(workdir, data, *FIXED, *overrides, devices=devices, log=log)
 
 
 def start_pair(workdir, data, *overrides):

@@ -118,8 +118,9 @@ def test_a_finished_run_resumes_and_stops_at_once(trained):
     assert train.train_and_evaluate(config, run)["step"] == 6
 
 
-def start_cli(workdir, data, *overrides):
-    """The tiny config's training in a subprocess, on one CPU device, output piped."""
+def start_cli(workdir, data, *overrides, devices=1, log=None):
+    """The tiny config's training in a subprocess, on `devices` fake CPU devices, output piped
+    (or written to the file `log`)."""
     args = [
         sys.executable,
         "-m",
@@ -134,10 +135,11 @@ def start_cli(workdir, data, *overrides):
     # One CPU device in both runs ("same device count"): compiling for 8 fake devices is slower.
     from conftest import TEST_XLA_FLAGS  # here: tiny_config.py imports this module in the child
 
-    flags = f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}"
+    flags = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
     env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 (the child keeps it)
     return subprocess.Popen(
-        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env
     )
 
 
