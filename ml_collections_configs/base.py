@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.adam_b1 = 0.9
     config.train.adam_b2 = 0.999
     config.train.adam_eps = 1e-8
+    config.train.weight_decay = 0.0  # > 0: AdamW's decoupled decay (HDiT: 1e-2)
+    # Learning-rate multipliers by top-level parameter name: {"mapping": 1/3} (HDiT's mapping
+    # network); unnamed parameters take 1.
+    config.train.lr_mult = ml_collections.ConfigDict()
     config.train.grad_clip = 0.0  # global-norm clipping; 0 = off
     config.train.grad_accum = 1  # micro-batches per step (same update, less memory)
     # Log the gradient noise scale (McCandlish et al. 2018) from two half batches per step.
@@ -144,6 +148,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.max_groups = 32  # GroupNorm groups: min(max_groups, channels // 4)
     config.model.attention_impl = "auto"  # kernels.attention: auto, xla, cudnn, ours (README)
     config.model.dtype = "float32"  # compute dtype: float32, bfloat16, float16
+    config.model.remat = False  # recompute each block in the backward (less memory, ~1/3 more)
+    config.model.scan = True  # transformers: one nn.scan over identical layers (compiles once)
+    # EDM's augmentation labels (config.augment) fed to the network; 0 = none. Set by augment.p.
+    config.model.augment_dim = 0
+    # DiT (Peebles & Xie 2023, models/dit.py): patch_size, num_classes, use_coords (positions from
+    # the crop's coordinates), dtype and attention_impl are the fields above. DiT-B.
+    config.model.dit = ml_collections.ConfigDict()
+    config.model.dit.depth = 12
+    config.model.dit.width = 768
+    config.model.dit.heads = 12
+    config.model.dit.mlp_ratio = 4.0
+    config.model.dit.pos_embed = "sincos"  # "sincos" (absolute, DiT) or "rope" (axial RoPE)
+    # HDiT (Crowson et al. 2024, models/hdit.py): one entry per level, the first at R / patch_size.
+    config.model.hdit = ml_collections.ConfigDict()
+    config.model.hdit.widths = (128, 256)
+    config.model.hdit.depths = (2, 2)
+    config.model.hdit.head_dim = 64
+    config.model.hdit.neighborhood_kernel = 7  # 0 = global attention at every level
+    config.model.hdit.neighborhood_impl = "auto"  # kernels.neighborhood_attention's impl
+    config.model.hdit.ff_mult = 3  # GEGLU width / model width
+    config.model.hdit.mapping_width = 256
+    config.model.hdit.mapping_depth = 2
+    config.model.hdit.dropout = 0.0
     # Residual-block convolutions that kernel search may replace: () or names of ("conv0",
     # "conv1"); only those mapping C channels to C become placeholders (canvas_jax).
     config.model.placeholders = ()
@@ -158,6 +185,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.kernel_search.params_band = (0.05, 1.0)
     config.kernel_search.flops_band = (0.05, 1.0)
     config.kernel_search.min_receptive_field = 3  # pixels, as the 3x3 convolution's
+
+    # EDM's non-leaking augmentations (Karras et al. 2022, Appendix F.2; patchdiff/diffusion/
+    # augment.py): each enabled transform applies with probability p, its parameters go to the
+    # network as config.model.augment_dim labels, and sampling passes zeros. p = 0: off.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.p = 0.0
+    config.augment.xflip = 1e8  # relative probability multipliers, as EDM's AugmentPipe
+    config.augment.yflip = 1.0
+    config.augment.scale = 1.0
+    config.augment.rotate_frac = 1.0
+    config.augment.aniso = 1.0
+    config.augment.translate_frac = 1.0
+    config.augment.brightness = 0.0
+    config.augment.contrast = 0.0
+    config.augment.lumaflip = 0.0
+    config.augment.hue = 0.0
+    config.augment.saturation = 0.0
 
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.parameterisation = "edm"  # edm, vp, ve, v, flow

@@ -40,6 +40,20 @@ def build_unet(config, conv3x3: ConvFactory = default_conv3x3):
     )
 
 
+@MODELS.register("dit")
+def build_dit(config, **kwargs):
+    from patchdiff.models.dit import build_dit as build  # TODO(integration): top-level import
+
+    return build(config, **kwargs)
+
+
+@MODELS.register("hdit")
+def build_hdit(config, **kwargs):
+    from patchdiff.models.hdit import build_hdit as build  # TODO(integration): top-level import
+
+    return build(config, **kwargs)
+
+
 def build_model(config, **kwargs):
     """The network named by `config.model.name`; kwargs go to its builder (e.g. `conv3x3`, the
     seam through which kernel search replaces the residual blocks' 3x3 convolutions)."""
