@@ -39,7 +39,7 @@ def load_config(spec: str):
 def measure(config, batch: int, iters: int) -> dict:
     model = build_model(config)
     params = init_params(model, jax.random.key(0), config)
-    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
     x, _, kwargs = dummy_inputs(config, batch)
     x = jax.random.uniform(jax.random.key(1), x.shape, minval=-1, maxval=1)
 

@@ -213,6 +213,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.p_std = 1.2
     config.diffusion.logit_mean = 0.0  # logit_normal (v, flow)
     config.diffusion.logit_std = 1.0
+    config.diffusion.cosine_noise_d_low = 32  # cosine_interpolated: the low-resolution shift (HDiT)
     config.diffusion.vp_schedule = "linear"  # vp: linear or cosine betas
     config.diffusion.vp_timesteps = 1000
     config.diffusion.loss_weighting = "default"  # 1 / c_out^2, or a name in weighting.py

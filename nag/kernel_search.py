@@ -490,7 +490,7 @@ def heldout_loss(model, config, held_out, batch: int, seed: int):
     """loss(params) -> float: the training objective (configured noise levels and weighting) on
     full held-out images, batch by batch with keys fixed by (seed, batch index), so every model
     and parameter set is measured on the same noise; compiled once per model."""
-    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
     classes = config.model.num_classes
 
     @xla_cpu.jit

@@ -204,7 +204,7 @@ def make_loss(model, config, distill: float, teacher_model=None):
     """loss(params, teacher_params, batch, key, patch_size) -> scalar: the trainer's loss
     (`patchdiff.train.step.make_loss_fn`: random crops with coordinate channels, label dropout,
     the configured denoising loss), with the distillation target when distill > 0."""
-    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
 
     def loss_fn(params, teacher_params, batch, key, patch_size):
         net, images, kwargs, k_loss = training_inputs(config, model, params, batch, key, patch_size)

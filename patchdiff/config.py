@@ -95,6 +95,7 @@ def _validate_data(data):
 
 
 def _validate_model(config):
+    """The fields every network reads, then the named network's own (`_MODEL_CHECKS`)."""
     m, resolution = config.model, config.data.resolution
     _one_of("model.name", m.name, MODELS.names())
     _one_of("model.patch_size", m.patch_size, PATCH_SIZES)
@@ -104,6 +105,29 @@ def _validate_model(config):
         m.patch_size,
         f"it must divide config.data.resolution = {resolution}",
     )
+    _check(
+        _is_int(m.num_classes) and m.num_classes >= 0,
+        "model.num_classes",
+        m.num_classes,
+        "it must be 0 (unconditional) or the number of classes",
+    )
+    _one_of("model.attention_impl", m.attention_impl, ["auto", *sorted(kernels.IMPLEMENTATIONS)])
+    _one_of("model.dtype", m.dtype, list(DTYPES))
+    for field in ("remat", "scan", "use_coords"):
+        value = m.get(field, False)
+        _check(isinstance(value, bool), f"model.{field}", value, "it must be True or False")
+    augment_dim = m.get("augment_dim", 0)
+    _check(
+        _is_int(augment_dim) and augment_dim >= 0,
+        "model.augment_dim",
+        augment_dim,
+        "it must be 0 (no augmentation labels) or the label width of config.augment",
+    )
+    _MODEL_CHECKS.get(m.name, lambda c: None)(config)
+
+
+def _validate_unet(config):
+    m, resolution = config.model, config.data.resolution
     _check(
         _is_int(m.channels) and m.channels > 0 and m.channels % 2 == 0,
         "model.channels",
@@ -157,12 +181,6 @@ def _validate_model(config):
             f"it must divide the width {width} of every attention layer",
         )
     _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "it must lie in [0, 1)")
-    _check(
-        _is_int(m.num_classes) and m.num_classes >= 0,
-        "model.num_classes",
-        m.num_classes,
-        "it must be 0 (unconditional) or the number of classes",
-    )
     _one_of("model.noise_embedding", m.noise_embedding, NOISE_EMBEDDINGS)
     _check(
         _is_int(m.max_groups) and m.max_groups > 0,
@@ -170,8 +188,6 @@ def _validate_model(config):
         m.max_groups,
         "it must be a positive integer",
     )
-    _one_of("model.attention_impl", m.attention_impl, ["auto", *sorted(kernels.IMPLEMENTATIONS)])
-    _one_of("model.dtype", m.dtype, list(DTYPES))
     placeholders = m.get("placeholders", ())
     _check(
         isinstance(placeholders, (tuple, list))
@@ -181,6 +197,88 @@ def _validate_model(config):
         placeholders,
         f"it must be a tuple of distinct names among {', '.join(PLACEHOLDER_CONVS)}",
     )
+
+
+def _positive_ints(field: str, values, length: int | None = None):
+    ok = isinstance(values, (tuple, list)) and len(values) > 0
+    ok = ok and all(_is_int(v) and v > 0 for v in values)
+    _check(ok, field, values, "it must be a non-empty tuple of positive integers")
+    if length is not None:
+        _check(len(values) == length, field, values, f"it needs one entry per level ({length})")
+
+
+def _validate_dit(config):
+    d, resolution = config.model.dit, config.data.resolution
+    _positive_int("model.dit.depth", d.depth)
+    _positive_int("model.dit.heads", d.heads)
+    _check(
+        _is_int(d.width) and d.width > 0 and d.width % d.heads == 0,
+        "model.dit.width",
+        d.width,
+        f"it must be a positive multiple of config.model.dit.heads = {d.heads}",
+    )
+    _check(d.mlp_ratio > 0, "model.dit.mlp_ratio", d.mlp_ratio, "it must be positive")
+    _one_of("model.dit.pos_embed", d.pos_embed, ("sincos", "rope"))
+    # sincos: a quarter of the width per axis and per sin/cos; rope: a quarter of each head.
+    unit, what = (4, "width") if d.pos_embed == "sincos" else (4 * d.heads, "head dim")
+    _check(
+        d.width % unit == 0,
+        "model.dit.width",
+        d.width,
+        f"pos_embed = {d.pos_embed!r} needs a {what} divisible by 4",
+    )
+    _check(
+        resolution % config.model.patch_size == 0,
+        "data.resolution",
+        resolution,
+        f"it must be a multiple of the patch size {config.model.patch_size}",
+    )
+
+
+def _validate_hdit(config):
+    from kernels.neighborhood import IMPLEMENTATIONS as NEIGHBORHOOD_IMPLS
+
+    h, resolution = config.model.hdit, config.data.resolution
+    _positive_ints("model.hdit.widths", h.widths)
+    levels = len(h.widths)
+    _positive_ints("model.hdit.depths", h.depths, levels)
+    _positive_int("model.hdit.head_dim", h.head_dim)
+    for width in h.widths:
+        _check(
+            width % h.head_dim == 0,
+            "model.hdit.head_dim",
+            h.head_dim,
+            f"it must divide every level's width; {width} is not a multiple",
+        )
+    _check(
+        h.head_dim % 4 == 0,
+        "model.hdit.head_dim",
+        h.head_dim,
+        "axial RoPE rotates a quarter of each head per axis: it must be a multiple of 4",
+    )
+    factor = config.model.patch_size * 2 ** (levels - 1)
+    _check(
+        resolution % factor == 0,
+        "data.resolution",
+        resolution,
+        f"an HDiT with patch size {config.model.patch_size} and {levels} levels needs a "
+        f"multiple of {factor}",
+    )
+    kernel = h.neighborhood_kernel
+    _check(
+        _is_int(kernel) and (kernel == 0 or (kernel > 0 and kernel % 2 == 1)),
+        "model.hdit.neighborhood_kernel",
+        kernel,
+        "it must be 0 (global attention everywhere) or an odd positive window size",
+    )
+    _one_of("model.hdit.neighborhood_impl", h.neighborhood_impl, ["auto", *NEIGHBORHOOD_IMPLS])
+    _check(h.ff_mult > 0, "model.hdit.ff_mult", h.ff_mult, "it must be positive")
+    _positive_int("model.hdit.mapping_width", h.mapping_width)
+    _positive_int("model.hdit.mapping_depth", h.mapping_depth)
+    _check(0 <= h.dropout < 1, "model.hdit.dropout", h.dropout, "it must lie in [0, 1)")
+
+
+_MODEL_CHECKS = {"unet": _validate_unet, "dit": _validate_dit, "hdit": _validate_hdit}
 
 
 def _validate_diffusion(config):
@@ -219,7 +317,7 @@ def _validate_diffusion(config):
     _check(d.min_snr_gamma > 0, "diffusion.min_snr_gamma", d.min_snr_gamma, "it must be positive")
     precond = diffusion_build.build_precond(d)
     try:  # the builder refuses pairings such as vp_uniform with edm, in one sentence
-        diffusion_build.build_noise_distribution(d, precond)
+        diffusion_build.build_noise_distribution(d, precond, config.data.resolution)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _validate_patches(config)
@@ -296,6 +394,15 @@ def _validate_train(config):
         f"it must divide config.train.batch_size = {t.batch_size}",
     )
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be 0 (off) or positive")
+    decay = t.get("weight_decay", 0.0)
+    _check(decay >= 0, "train.weight_decay", decay, "it must be 0 (Adam) or positive (AdamW)")
+    for name, mult in dict(t.get("lr_mult", {})).items():
+        _check(
+            isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0,
+            f"train.lr_mult.{name}",
+            mult,
+            "it must be a positive number (a top-level module's learning-rate multiplier)",
+        )
     _check(
         isinstance(t.grad_noise_scale, bool),
         "train.grad_noise_scale",

@@ -99,7 +99,7 @@ BAD = [
         "it must be a tuple of distinct names among conv0, conv1",
     ),
     ("model.dtype", "float8", "it must be one of float32, bfloat16, float16"),
-    ("model.name", "dit", "config.model.name = 'dit' is not allowed: it must be one of unet"),
+    ("model.name", "vit", "config.model.name = 'vit' is not allowed: it must be one of dit, hdit, unet"),
     ("diffusion.vp_schedule", "sigmoid", "it must be one of cosine, linear"),
     ("diffusion.p_std", -1.0, "config.diffusion.p_std = -1.0 is not allowed: it must be positive"),
     (

@@ -28,10 +28,11 @@ def noise_distribution_name(dcfg, precond) -> str:
     return precond.default_noise_distribution if name == "default" else name
 
 
-def build_noise_distribution(dcfg, precond):
+def build_noise_distribution(dcfg, precond, resolution=None):
     """key, shape -> sigma: the training noise levels of `config.diffusion.noise_distribution`
     ("default" picks the parameterisation's own: lognormal for edm, log_uniform for ve,
-    vp_uniform for vp, logit_normal for v and flow)."""
+    vp_uniform for vp, logit_normal for v and flow). `resolution` (config.data.resolution) is
+    the image size that cosine_interpolated shifts its schedule for."""
     name = noise_distribution_name(dcfg, precond)
     fn = noise.NOISE_DISTRIBUTIONS.get(name, "config.diffusion.noise_distribution")
     if name == "lognormal":
@@ -45,6 +46,19 @@ def build_noise_distribution(dcfg, precond):
                 f"parameterisation 'vp', not {dcfg.parameterisation!r}."
             )
         kwargs = dict(sigmas=precond.sigmas)
+    elif name == "cosine_interpolated":
+        if resolution is None:
+            raise ValueError(
+                "config.diffusion.noise_distribution = 'cosine_interpolated' shifts its schedule "
+                "for the image size: pass resolution=config.data.resolution to the builder."
+            )
+        kwargs = dict(
+            image_d=resolution,
+            noise_d_low=dcfg.cosine_noise_d_low,
+            sigma_data=dcfg.sigma_data,
+            sigma_min=min(dcfg.sigma_min, 1e-3),
+            sigma_max=max(dcfg.sigma_max, 1e3),
+        )
     else:  # logit_normal
         if not hasattr(precond, "sigma_from_t"):
             raise ValueError(
@@ -73,13 +87,13 @@ def build_weighting(dcfg, precond):
     return functools.partial(fn, **kwargs)
 
 
-def build_loss_kwargs(dcfg) -> dict:
+def build_loss_kwargs(dcfg, resolution=None) -> dict:
     """The keyword arguments of `losses.denoising_loss` that `config.diffusion` decides:
-    {"precond", "sample_sigma", "weighting"}."""
+    {"precond", "sample_sigma", "weighting"}; `resolution` as for build_noise_distribution."""
     precond = build_precond(dcfg)
     return {
         "precond": precond,
-        "sample_sigma": build_noise_distribution(dcfg, precond),
+        "sample_sigma": build_noise_distribution(dcfg, precond, resolution),
         "weighting": build_weighting(dcfg, precond),
     }
 

@@ -55,7 +55,7 @@ def evaluate(config, workdir) -> dict:
         sample_quality(config, model, state.ema, workdir) if config.eval.sample_quality else None
     )
     d, e, m = config.diffusion, config.eval, config.model
-    loss_kwargs = diffusion_build.build_loss_kwargs(d)
+    loss_kwargs = diffusion_build.build_loss_kwargs(d, config.data.resolution)
     sigmas = np.exp(np.linspace(np.log(d.sigma_min), np.log(d.sigma_max), e.num_sigmas))
     loader = data_lib.build_loader(config, 0, split=e.split)
     loader.random_flip = False

@@ -2,6 +2,7 @@
 number of images seen (EDM ramps up over images, not steps, and patch training varies the batch).
 """
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -22,16 +23,61 @@ def learning_rate(tcfg, step, nimg):
 
 
 def build_optimizer(tcfg):
-    """Adam (with optional global-norm clipping) whose learning rate is a hyper-parameter that
-    the train step sets from `learning_rate`."""
+    """Adam (AdamW's decoupled decay when train.weight_decay > 0, optional global-norm clipping,
+    per-module learning-rate multipliers from train.lr_mult) whose learning rate is a
+    hyper-parameter that the train step sets from `learning_rate`.
+
+    Without decay and multipliers the state is plain optax.adam's, as before, so checkpoints of
+    such runs keep their layout."""
+    decay, multipliers = float(tcfg.get("weight_decay", 0.0)), dict(tcfg.get("lr_mult", {}))
 
     def make(learning_rate):
-        adam = optax.adam(learning_rate, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
+        if decay or multipliers:
+            # AdamW as optax.adamw composes it (the decay is scaled by the learning rate, as in
+            # PyTorch and k-diffusion), with the multiplier applied to the whole update.
+            adam = optax.chain(
+                optax.scale_by_adam(b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps),
+                optax.add_decayed_weights(decay, mask=decayed_mask) if decay else optax.identity(),
+                scale_by_module(multipliers),
+                optax.scale_by_learning_rate(learning_rate),
+            )
+        else:
+            adam = optax.adam(learning_rate, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
         if tcfg.grad_clip > 0:
             return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adam)
         return adam
 
     return optax.inject_hyperparams(make)(learning_rate=tcfg.lr)
+
+
+def decayed_mask(params):
+    """Weight decay applies to weight matrices and kernels (2 or more dims), not to biases, norm
+    scales or per-head attention scales (the usual AdamW practice; HDiT's too)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def module_multipliers(params, multipliers: dict):
+    """A float per leaf: multipliers[name] for leaves under the top-level module `name`, else 1."""
+
+    def one(path, _):
+        top = path[0]
+        return float(multipliers.get(getattr(top, "key", getattr(top, "name", None)), 1.0))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def scale_by_module(multipliers: dict):
+    """Scales each update by its top-level module's multiplier (HDiT trains its mapping network
+    at 1/3 of the learning rate); stateless, so the optimizer state keeps its layout."""
+    if not multipliers:
+        return optax.identity()
+
+    def update(updates, state, params=None):
+        del params
+        scales = module_multipliers(updates, multipliers)
+        return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def ema_beta(tcfg, nimg, batch_images):

@@ -52,7 +52,7 @@ def training_inputs(config, model, params, batch, key, patch_size):
 
 def make_loss_fn(model, config):
     """loss(params, batch, key, patch_size) -> scalar: crops, label dropout, the denoising loss."""
-    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
 
     def loss_fn(params, batch, key, patch_size):
         net, images, kwargs, k_loss = training_inputs(config, model, params, batch, key, patch_size)

@@ -83,7 +83,7 @@ def test_mapped_distilled_lora_training_equals_the_loop(setting):
 def test_distillation_at_weight_zero_is_the_denoising_loss(setting):
     config, base, data = setting
     model = build_model(config)
-    kwargs = diffusion_build.build_loss_kwargs(config.diffusion)
+    kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
     x0 = jnp.asarray(data["image"][:4])
     labels = jnp.asarray(data["label"][:4])
 
