@@ -338,7 +338,8 @@ def _validate_patches(config):
         probs,
         "they must be non-negative and sum to 1",
     )
-    factor = m.patch_size * 2 ** (len(m.channel_mult) - 1)
+    levels = {"unet": len(m.channel_mult), "hdit": len(m.hdit.widths)}.get(m.name, 1)
+    factor = m.patch_size * 2 ** (levels - 1)
     for s in scales:
         size = config.data.resolution * s
         _check(
@@ -347,8 +348,17 @@ def _validate_patches(config):
             scales,
             f"scale {s} gives crops of {size:g} pixels, but scales must lie in (0, 1] and "
             f"give crops that are multiples of {factor} (patch size {m.patch_size}, "
-            f"{len(m.channel_mult)} levels)",
+            f"{levels} levels)",
         )
+    # A transformer knows where a crop lies only from its coordinates (its positions); without
+    # them every crop would be embedded as a whole image of its size.
+    _check(
+        m.name == "unet" or m.use_coords or set(scales) == {1.0},
+        "model.use_coords",
+        m.use_coords,
+        f"a {m.name} trained on crops (diffusion.patch_scales = {scales}) takes its positions "
+        "from the crops' coordinates: set it to True",
+    )
 
 
 def with_patch_size(config, patch_size: int):

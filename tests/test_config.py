@@ -99,7 +99,11 @@ BAD = [
         "it must be a tuple of distinct names among conv0, conv1",
     ),
     ("model.dtype", "float8", "it must be one of float32, bfloat16, float16"),
-    ("model.name", "vit", "config.model.name = 'vit' is not allowed: it must be one of dit, hdit, unet"),
+    (
+        "model.name",
+        "vit",
+        "config.model.name = 'vit' is not allowed: it must be one of dit, hdit, unet",
+    ),
     ("diffusion.vp_schedule", "sigmoid", "it must be one of cosine, linear"),
     ("diffusion.p_std", -1.0, "config.diffusion.p_std = -1.0 is not allowed: it must be positive"),
     (
@@ -275,7 +279,19 @@ CONFIGS = [
     "ffhq64_patch",
     "imagenet64_adm",
     "lsun256_p4",
+    "dit_b4_cifar10",
+    "dit_xl2_imagenet256",
+    "hdit_fashion_mnist",
+    "hdit_ffhq1024",
+    "hdit_imagenet256",
 ]
+
+# What "runlocal" keeps small, per network.
+WIDTHS = {
+    "unet": lambda m: m.channels,
+    "dit": lambda m: m.dit.width,
+    "hdit": lambda m: max(m.hdit.widths),
+}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -288,4 +304,7 @@ def test_every_experiment_config_is_valid(name, arg):
     config_lib.validate(config)
     assert f"ml_collections_configs/{name}.py" in module.__doc__ or name == "base"
     if arg == "runlocal":
-        assert config.train.total_steps <= 20 and config.model.channels <= 32
+        assert config.train.total_steps <= 20
+        assert WIDTHS[config.model.name](config.model) <= (
+            32 if config.model.name == "unet" else 128
+        )

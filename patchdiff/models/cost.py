@@ -28,7 +28,8 @@ def xla_flops(fn, *args, **kwargs) -> float:
 
 def matmul_flops(fn, *args, **kwargs) -> float:
     """2 x the multiply-adds of every convolution and dot_general that `fn` traces to, sub-programs
-    (scan, remat, custom derivatives) included; pooling, norms and activations are not counted."""
+    (scan bodies times their length, remat, custom derivatives) included; pooling, norms and
+    activations are not counted."""
     closed = jax.make_jaxpr(fn)(*args, **kwargs)
     return float(_count_matmuls(closed.jaxpr))
 
@@ -47,12 +48,14 @@ def _count_matmuls(jaxpr) -> int:
             lhs = eqn.invars[0].aval.shape
             depth = int(np.prod([lhs[i] for i in contract]))
             total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * depth
+        # A scan's body runs `length` times (nn.scan over a transformer's layers).
+        repeats = eqn.params.get("length", 1) if name == "scan" else 1
         for value in eqn.params.values():
             for sub in value if isinstance(value, tuple | list) else (value,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    total += _count_matmuls(sub.jaxpr)
+                    total += repeats * _count_matmuls(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    total += _count_matmuls(sub)
+                    total += repeats * _count_matmuls(sub)
     return total
 
 
@@ -60,6 +63,14 @@ def forward_flops_per_image(model, params, config, batch: int = 1) -> float:
     """Forward FLOPs of `model` on one full-size image (the batch's total divided by its size)."""
     x, c_noise, kwargs = dummy_inputs(config, batch)
     return xla_flops(lambda p: model.apply({"params": p}, x, c_noise, **kwargs), params) / batch
+
+
+def forward_macs_per_image(model, params, config, batch: int = 1) -> float:
+    """Multiply-adds of convolutions and matrix products per full-size image (`matmul_flops` / 2):
+    the unit of papers' "GFLOPs" columns (DiT, HDiT)."""
+    x, c_noise, kwargs = dummy_inputs(config, batch)
+    fn = lambda p: model.apply({"params": p}, x, c_noise, **kwargs)  # noqa: E731
+    return matmul_flops(fn, params) / 2 / batch
 
 
 def model_cost(config, key=None) -> dict:

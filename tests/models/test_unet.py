@@ -188,8 +188,8 @@ def test_parameters_carry_logical_axes_and_shard_on_a_mesh(devices):
 
 def test_unknown_model_name():
     config = tiny_config()
-    config.model.name = "dit"
-    with pytest.raises(ValueError, match="config.model.name = 'dit' is not a known model"):
+    config.model.name = "vit"
+    with pytest.raises(ValueError, match="config.model.name = 'vit' is not a known model"):
         build_model(config)
 
 
