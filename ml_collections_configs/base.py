@@ -150,7 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype: float32, bfloat16, float16
     config.model.remat = False  # recompute each block in the backward (less memory, ~1/3 more)
     config.model.scan = True  # transformers: one nn.scan over identical layers (compiles once)
-    # EDM's augmentation labels (config.augment) fed to the network; 0 = none. Set by augment.p.
+    # Width of EDM's augmentation labels (config.augment) fed to the network; 0 = none. With
+    # augment.p > 0 it must be the enabled transforms' label width (9 for EDM's CIFAR-10).
     config.model.augment_dim = 0
     # DiT (Peebles & Xie 2023, models/dit.py): patch_size, num_classes, use_coords (positions from
     # the crop's coordinates), dtype and attention_impl are the fields above. DiT-B.
@@ -187,11 +188,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.kernel_search.min_receptive_field = 3  # pixels, as the 3x3 convolution's
 
     # EDM's non-leaking augmentations (Karras et al. 2022, Appendix F.2; patchdiff/diffusion/
-    # augment.py): each enabled transform applies with probability p, its parameters go to the
-    # network as config.model.augment_dim labels, and sampling passes zeros. p = 0: off.
+    # augment.py): each transform whose multiplier is > 0 applies to an image with probability
+    # p x multiplier, its parameters go to the network as labels, and sampling passes zeros.
+    # With p > 0, config.model.augment_dim must be the labels' width (augment.label_dim: 9 for
+    # the multipliers below, EDM's CIFAR-10 setting, geometric only). p = 0: off (EDM: 0.12).
     config.augment = ml_collections.ConfigDict()
     config.augment.p = 0.0
-    config.augment.xflip = 1e8  # relative probability multipliers, as EDM's AugmentPipe
+    # Probability multipliers, as EDM's AugmentPipe. 1e8: always drawn (a flip then happens
+    # half the time), which replaces the loader's random flip (data.random_flip).
+    config.augment.xflip = 1e8
     config.augment.yflip = 1.0
     config.augment.scale = 1.0
     config.augment.rotate_frac = 1.0

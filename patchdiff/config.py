@@ -10,6 +10,7 @@ import math
 import pathlib
 
 import kernels
+from patchdiff.diffusion import augment
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.noise import NOISE_DISTRIBUTIONS
 from patchdiff.diffusion.precond import PRECONDITIONINGS
@@ -47,6 +48,7 @@ def validate(config):
     """Raises ConfigError on the first bad field of `config`; returns the config otherwise."""
     _validate_data(config.data)
     _validate_model(config)
+    augment.validate(config)
     _validate_diffusion(config)
     _validate_train(config)
     _validate_multihost(config)
@@ -220,12 +222,18 @@ def _validate_dit(config):
     _check(d.mlp_ratio > 0, "model.dit.mlp_ratio", d.mlp_ratio, "it must be positive")
     _one_of("model.dit.pos_embed", d.pos_embed, ("sincos", "rope"))
     # sincos: a quarter of the width per axis and per sin/cos; rope: a quarter of each head.
-    unit, what = (4, "width") if d.pos_embed == "sincos" else (4 * d.heads, "head dim")
+    # sincos: a quarter of the width per axis and per sin/cos; rope: a quarter of each head per
+    # axis, rotated in pairs (patchdiff/models/rope.py).
+    unit, what = (
+        (4, "a width divisible by 4")
+        if d.pos_embed == "sincos"
+        else (8 * d.heads, "a head dim divisible by 8")
+    )
     _check(
         d.width % unit == 0,
         "model.dit.width",
         d.width,
-        f"pos_embed = {d.pos_embed!r} needs a {what} divisible by 4",
+        f"pos_embed = {d.pos_embed!r} needs {what}",
     )
     _check(
         resolution % config.model.patch_size == 0,
@@ -237,40 +245,13 @@ def _validate_dit(config):
 
 def _validate_hdit(config):
     from kernels.neighborhood import IMPLEMENTATIONS as NEIGHBORHOOD_IMPLS
+    from patchdiff.models.hdit import hdit_problems
 
-    h, resolution = config.model.hdit, config.data.resolution
+    h = config.model.hdit
     _positive_ints("model.hdit.widths", h.widths)
-    levels = len(h.widths)
-    _positive_ints("model.hdit.depths", h.depths, levels)
-    _positive_int("model.hdit.head_dim", h.head_dim)
-    for width in h.widths:
-        _check(
-            width % h.head_dim == 0,
-            "model.hdit.head_dim",
-            h.head_dim,
-            f"it must divide every level's width; {width} is not a multiple",
-        )
-    _check(
-        h.head_dim % 4 == 0,
-        "model.hdit.head_dim",
-        h.head_dim,
-        "axial RoPE rotates a quarter of each head per axis: it must be a multiple of 4",
-    )
-    factor = config.model.patch_size * 2 ** (levels - 1)
-    _check(
-        resolution % factor == 0,
-        "data.resolution",
-        resolution,
-        f"an HDiT with patch size {config.model.patch_size} and {levels} levels needs a "
-        f"multiple of {factor}",
-    )
-    kernel = h.neighborhood_kernel
-    _check(
-        _is_int(kernel) and (kernel == 0 or (kernel > 0 and kernel % 2 == 1)),
-        "model.hdit.neighborhood_kernel",
-        kernel,
-        "it must be 0 (global attention everywhere) or an odd positive window size",
-    )
+    _positive_ints("model.hdit.depths", h.depths, len(h.widths))
+    if problems := hdit_problems(config):  # levels, head dim, resolution, window: the builder's
+        raise ConfigError(problems[0])
     _one_of("model.hdit.neighborhood_impl", h.neighborhood_impl, ["auto", *NEIGHBORHOOD_IMPLS])
     _check(h.ff_mult > 0, "model.hdit.ff_mult", h.ff_mult, "it must be positive")
     _positive_int("model.hdit.mapping_width", h.mapping_width)

@@ -31,6 +31,7 @@ def build_unet(config, conv3x3: ConvFactory = default_conv3x3):
         dropout=m.dropout,
         patch_size=m.patch_size,
         num_classes=m.num_classes,
+        augment_dim=m.get("augment_dim", 0),
         use_coords=m.use_coords,
         noise_embedding=m.noise_embedding,
         max_groups=m.max_groups,
@@ -69,6 +70,9 @@ def dummy_inputs(config, batch: int = 1, resolution: int | None = None):
         kwargs["labels"] = jnp.zeros((batch,), jnp.int32)
     if config.model.use_coords:
         kwargs["coords"] = jnp.zeros((batch, res, res, 2), jnp.float32)
+    augment_dim = config.model.get("augment_dim", 0)
+    if augment_dim:  # zeros: the labels of no augmentation
+        kwargs["augment_labels"] = jnp.zeros((batch, augment_dim), jnp.float32)
     return x, jnp.zeros((batch,), jnp.float32), kwargs
 
 

@@ -1,12 +1,14 @@
 """The bare network F of the denoiser: a DDPM++ or ADM-style U-Net with a patchify stem.
 
 `arch="ddpmpp"` is EDM's DDPM++ (`SongUNet` in NVlabs/edm `training/networks.py` with its
-CIFAR-10 settings) layer for layer: the same parameters (55,732,739 at 32x32x3, unconditional)
-and FLOPs. Residual blocks with GroupNorm, SiLU, dropout and an additive embedding of c_noise
-(and of a one-hot class label, zero for the null label of classifier-free guidance), one-head
-self-attention at chosen resolutions (in the decoder only after each level's last block), skip
-connections between encoder and decoder, resampling inside residual blocks with a 1x1 conv on
-their skip path, near-zero initialisation of each branch's last layer.
+CIFAR-10 settings) layer for layer: the same parameters (55,732,739 at 32x32x3, unconditional,
+without augmentation labels; + 9 x 128 with EDM's 9) and FLOPs. Residual blocks with GroupNorm,
+SiLU, dropout and an additive embedding of c_noise (and of a one-hot class label, zero for the
+null label of classifier-free guidance, and of EDM's augmentation labels, zero at sampling:
+patchdiff/diffusion/augment.py), one-head self-attention at chosen resolutions (in the decoder
+only after each level's last block), skip connections between encoder and decoder, resampling
+inside residual blocks with a 1x1 conv on their skip path, near-zero initialisation of each
+branch's last layer.
 
 `arch="adm"` keeps Dhariwal & Nichol's choices where they differ: scale-shift conditioning, a
 first conv at the first level's width, attention after every decoder block of an attention level,
@@ -73,6 +75,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     patch_size: int = 1
     num_classes: int = 0
+    augment_dim: int = 0  # width of EDM's augmentation labels; 0 = none
     use_coords: bool = False
     noise_embedding: str = "positional"
     max_groups: int = 32
@@ -81,12 +84,15 @@ class UNet(nn.Module):
     conv3x3: ConvFactory = default_conv3x3
 
     @nn.compact
-    def __call__(self, x, c_noise, labels=None, coords=None, train: bool = False):
-        """x [B, h, w, C], c_noise [B], labels [B] int or None, coords [B, h, w, 2] or None."""
+    def __call__(
+        self, x, c_noise, labels=None, coords=None, augment_labels=None, train: bool = False
+    ):
+        """x [B, h, w, C], c_noise [B], labels [B] int or None, coords [B, h, w, 2] or None,
+        augment_labels [B, augment_dim] or None (zeros: no augmentation, as in sampling)."""
         if self.arch not in ARCHS:
             raise ValueError(f"U-Net arch {self.arch!r} is not known; known: {', '.join(ARCHS)}.")
         ddpmpp = self.arch == "ddpmpp"
-        emb = self.embed(c_noise, labels)  # [B, E], after SiLU
+        emb = self.embed(c_noise, labels, augment_labels)  # [B, E], after SiLU
         x = self.with_coords(x, coords).astype(self.dtype)
         levels = level_resolutions(self.resolution, self.patch_size, len(self.channel_mult))
         zero_init = near_zero_init if ddpmpp else zeros
@@ -149,12 +155,14 @@ class UNet(nn.Module):
         h = conv(out_features, 3, "conv_out", init=zero_init, dtype=self.dtype)(h)
         return depth_to_space(h, self.patch_size)
 
-    def embed(self, c_noise, labels):
-        """c_noise [B] (and labels [B]) -> [B, E]: the noise embedding through a 2-layer MLP with
-        SiLU after each layer. Labels run 0..num_classes, num_classes being the null label:
-        DDPM++ adds Dense(one_hot(label) sqrt(num_classes)) to the noise embedding before the MLP
-        (the null label's one-hot is zero, as EDM's label dropout), ADM a learned table's row
-        (the last row is the null label) after it."""
+    def embed(self, c_noise, labels, augment_labels=None):
+        """c_noise [B] (and labels [B], augment_labels [B, augment_dim]) -> [B, E]: the noise
+        embedding through a 2-layer MLP with SiLU after each layer. Labels run 0..num_classes,
+        num_classes being the null label: DDPM++ adds Dense(one_hot(label) sqrt(num_classes)) to
+        the noise embedding before the MLP (the null label's one-hot is zero, as EDM's label
+        dropout), ADM a learned table's row (the last row is the null label) after it. Both add
+        a bias-free Dense of the augmentation labels before the MLP, as EDM's `map_augment` in
+        SongUNet (Xavier-initialised) and DhariwalUNet (zero-initialised)."""
         width = 4 * self.channels
         ddpmpp = self.arch == "ddpmpp"
         emb = NoiseEmbedding(
@@ -168,6 +176,20 @@ class UNet(nn.Module):
             one_hot = jax.nn.one_hot(labels, self.num_classes, dtype=emb.dtype)  # null: zeros
             one_hot = one_hot * np.sqrt(self.num_classes)
             emb = emb + dense(self.channels, "label_embed", ("vocab", "embed"))(one_hot)
+        if augment_labels is not None and not self.augment_dim:
+            raise ValueError("augment_labels were given to a U-Net built with augment_dim = 0.")
+        if self.augment_dim:
+            if augment_labels is None:  # sampling: the labels of no augmentation
+                augment_labels = jnp.zeros((c_noise.shape[0], self.augment_dim), emb.dtype)
+            augment = nn.Dense(
+                self.channels,
+                use_bias=False,
+                kernel_init=nn.with_logical_partitioning(
+                    default_init if ddpmpp else zeros, (None, "embed")
+                ),
+                name="augment_embed",
+            )
+            emb = emb + augment(augment_labels.astype(emb.dtype))
         emb = nn.silu(dense(width, "emb0", dtype=self.dtype)(emb.astype(self.dtype)))
         emb = dense(width, "emb1", dtype=self.dtype)(emb)
         if self.num_classes and not ddpmpp:

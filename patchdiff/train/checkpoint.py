@@ -29,23 +29,37 @@ try:
 finally:
     _absl.setLevel(_level)
 
-# Fields whose change makes a checkpoint unusable (parameter shapes or their meaning).
+# Fields whose change makes a checkpoint unusable (parameter shapes or their meaning): those of
+# every network, then the named network's own (a U-Net's checkpoint ignores DiT's fields).
 SHAPE_FIELDS = (
     "model.name",
-    "model.arch",
-    "model.channels",
-    "model.channel_mult",
-    "model.num_res_blocks",
-    "model.attn_resolutions",
-    "model.head_dim",
     "model.patch_size",
     "model.num_classes",
+    "model.augment_dim",
     "model.use_coords",
-    "model.noise_embedding",
     "data.resolution",
     "data.channels",
     "diffusion.parameterisation",
 )
+MODEL_SHAPE_FIELDS = {
+    "unet": (
+        "model.arch",
+        "model.channels",
+        "model.channel_mult",
+        "model.num_res_blocks",
+        "model.attn_resolutions",
+        "model.head_dim",
+        "model.noise_embedding",
+    ),
+    # nn.scan stacks a level's layers into one parameter tree: a different layout.
+    "dit": ("model.scan", "model.dit.depth", "model.dit.width", "model.dit.heads",
+            "model.dit.mlp_ratio", "model.dit.pos_embed"),
+    "hdit": ("model.scan", "model.hdit.widths", "model.hdit.depths", "model.hdit.head_dim",
+             "model.hdit.ff_mult", "model.hdit.mapping_width", "model.hdit.mapping_depth"),
+}  # fmt: skip
+
+# The values that checkpoints written before a field existed were trained with.
+FIELD_DEFAULTS = {"model.augment_dim": 0}
 
 
 class CheckpointError(ValueError):
@@ -64,8 +78,9 @@ def _field(config_dict, dotted):
 
 def check_compatible(saved: dict, config, where) -> None:
     current = json.loads(config.to_json_best_effort())
-    for field in SHAPE_FIELDS:
-        old, new = _field(saved, field), _field(current, field)
+    for field in SHAPE_FIELDS + MODEL_SHAPE_FIELDS.get(config.model.name, ()):
+        old, new = (_field(c, field) for c in (saved, current))
+        old, new = (FIELD_DEFAULTS.get(field) if v is None else v for v in (old, new))
         if old != new:
             raise CheckpointError(
                 f"the checkpoint in {where} was written with config.{field} = {old!r}, but this "

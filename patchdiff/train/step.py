@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from patchdiff import xla_cpu
 from patchdiff.config import ConfigError
+from patchdiff.diffusion import augment
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.diffusion.patches import random_patches
@@ -32,12 +33,22 @@ from patchdiff.train.optim import ema_beta, learning_rate
 def training_inputs(config, model, params, batch, key, patch_size):
     """What one training step's loss sees: (net(x_in, c_noise, **kw) in train mode with its
     dropout key, crops [B, p, p, C], the net's kwargs (coordinate channels, labels with label
-    dropout), the key of the loss's noise). Shared with short trainings elsewhere (nag.sotl), so
-    their crops, dropout and noise are the trainer's for the same key."""
+    dropout, EDM's augmentation labels), the key of the loss's noise). Shared with short
+    trainings elsewhere (nag.sotl), so their crops, dropout and noise are the trainer's for the
+    same key."""
     m = config.model
-    k_patch, k_loss, k_drop, k_label = jax.random.split(key, 4)
-    images, coords = random_patches(k_patch, batch["image"], patch_size)  # [B, p, p, C]
-    kwargs = {"coords": coords} if m.use_coords else {}
+    # A fifth key leaves the first four as split(key, 4) gives them (threefry_partitionable):
+    # runs without augmentation draw what they drew before it existed.
+    k_patch, k_loss, k_drop, k_label, k_augment = jax.random.split(key, 5)
+    images = batch["image"]  # [B, R, R, C]
+    kwargs = {}
+    if config.augment.p > 0:
+        # The whole image, before cropping: EDM's transforms are defined on it (reflections at
+        # its borders, translations relative to its size).
+        images, kwargs["augment_labels"] = augment.augment(k_augment, images, config.augment)
+    images, coords = random_patches(k_patch, images, patch_size)  # [B, p, p, C]
+    if m.use_coords:
+        kwargs["coords"] = coords
     if m.num_classes:
         drop = jax.random.uniform(k_label, batch["label"].shape) < config.train.label_dropout
         kwargs["labels"] = jnp.where(drop, m.num_classes, batch["label"])
