@@ -51,24 +51,35 @@ def build_optimizer(tcfg):
 
 
 def decayed_mask(params):
-    """Weight decay applies to weight matrices and kernels (2 or more dims), not to biases, norm
-    scales or per-head attention scales (the usual AdamW practice; HDiT's too)."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay applies to the kernels of Dense and Conv layers only: not to biases, norm
+    scales, per-head attention scales (whatever their rank under nn.scan) or embedding tables,
+    as k-diffusion's HDiT and the usual AdamW practice."""
+
+    def one(path, _):
+        return getattr(path[-1], "key", None) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def module_multipliers(params, multipliers: dict):
-    """A float per leaf: multipliers[name] for leaves under the top-level module `name`, else 1."""
+    """A float per leaf: multipliers[name] for leaves under a module called `name` at any depth
+    (the one nearest the root wins), else 1. HDiT: {"mapping": 1/3} is its mapping network,
+    {"norm": 1/3} every AdaRMSNorm's projection of the conditioning."""
 
     def one(path, _):
-        top = path[0]
-        return float(multipliers.get(getattr(top, "key", getattr(top, "name", None)), 1.0))
+        for entry in path[:-1]:
+            name = getattr(entry, "key", None)
+            if name in multipliers:
+                return float(multipliers[name])
+        return 1.0
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
 def scale_by_module(multipliers: dict):
-    """Scales each update by its top-level module's multiplier (HDiT trains its mapping network
-    at 1/3 of the learning rate); stateless, so the optimizer state keeps its layout."""
+    """Scales each update by its module's multiplier (`module_multipliers`; HDiT trains its
+    mapping network and its norms' conditioning at 1/3 of the learning rate); stateless, so the
+    optimizer state keeps its layout."""
     if not multipliers:
         return optax.identity()
 

@@ -11,7 +11,11 @@ from patchdiff.train.optim import build_optimizer
 
 PARAMS = {
     "mapping": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
-    "block": {"kernel": jnp.ones((3, 3)), "scale": jnp.ones(3)},
+    "block": {
+        "kernel": jnp.ones((3, 3)),
+        "scale": jnp.ones((2, 3)),  # a per-head scale stacked over scanned layers: not decayed
+        "norm": {"linear": {"kernel": jnp.ones((3, 3))}},
+    },
 }
 
 
@@ -31,15 +35,17 @@ def test_plain_adam_keeps_its_state_layout():
     assert jax.tree.structure(state) == jax.tree.structure(plain)
 
 
-def test_adamw_decays_weight_matrices_only_and_multipliers_scale_their_module():
+def test_adamw_decays_kernels_only_and_multipliers_scale_their_modules():
     tcfg = base.get_config().train
-    tcfg.lr, tcfg.weight_decay, tcfg.lr_mult = 1e-2, 0.5, {"mapping": 1 / 3}
+    tcfg.lr, tcfg.weight_decay, tcfg.lr_mult = 1e-2, 0.5, {"mapping": 1 / 3, "norm": 0.5}
     updates = first_update(tcfg)
     # Adam's first step is the gradient's sign (1); decay adds 0.5 x the weight (1) to kernels.
     assert jnp.allclose(updates["block"]["kernel"], -1e-2 * 1.5)
     assert jnp.allclose(updates["block"]["scale"], -1e-2)
     assert jnp.allclose(updates["mapping"]["kernel"], -1e-2 * 1.5 / 3)
     assert jnp.allclose(updates["mapping"]["bias"], -1e-2 / 3)
+    # A module name matches at any depth: HDiT's AdaRMSNorm projections inside each layer.
+    assert jnp.allclose(updates["block"]["norm"]["linear"]["kernel"], -1e-2 * 1.5 * 0.5)
 
 
 @pytest.mark.parametrize(
