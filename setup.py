@@ -34,7 +34,7 @@ CORE = [
 
 EXTRAS = {
     # ruff's formatting rules change between minor releases: a new one must not fail CI.
-    # triton runs kernels/triton_fa2_kernels.py in its CPU interpreter in the tests (no GPU).
+    # triton runs kernels/triton_fa2/kernels.py in its CPU interpreter in the tests (no GPU).
     "test": [
         "pytest>=9.0",
         "pytest-xdist>=3.8",

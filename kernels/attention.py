@@ -8,7 +8,8 @@ jax-triton, any recent NVIDIA GPU), `pallas_tpu` (Pallas Mosaic TPU). Each has a
 says why it cannot run given inputs here (None when it can). `impl="auto"` picks the fastest
 implementation that `benchmarks/attention.py --write-table` measured on this device class at the
 nearest shape (`kernels/measured.json`); with no measurement it takes cuDNN, else XLA, and logs
-one line saying so.
+one line saying so. Ours are the packages `kernels.mosaic_gpu`, `kernels.triton_fa2` and
+`kernels.pallas_tpu`, each a forward and a backward behind `kernels.front`'s one custom VJP.
 """
 
 import dataclasses
@@ -24,7 +25,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import attention_reference, check_segment_ids
+from kernels.front import check_shapes
+from kernels.reference import attention_reference
 
 MEASURED = pathlib.Path(__file__).with_name("measured.json")
 _HALF = (jnp.bfloat16, jnp.float16)
@@ -75,11 +77,12 @@ def _cudnn_why_not(q, k, v, causal, segments, interpret):
     return None
 
 
-def _ours(module: str) -> Callable:
-    """Runs `kernels.<module>.flash_attention`, imported on first use (it may need triton)."""
+def _ours(package: str) -> Callable:
+    """Runs `kernels.<package>.flash_attention`, imported on first use so that `import kernels`
+    pays for no backend's Pallas modules (triton is imported later still, by a Triton launch)."""
 
     def run(q, k, v, **kw):
-        return importlib.import_module(f"kernels.{module}").flash_attention(q, k, v, **kw)
+        return importlib.import_module(f"kernels.{package}").flash_attention(q, k, v, **kw)
 
     return run
 
@@ -233,20 +236,7 @@ def attention(
     K < H is grouped-query attention. interpret=True runs our Pallas kernels in interpret mode
     (on any backend, slowly; for tests).
     """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"attention takes q, k, v as [B, S, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}."
-        )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"attention needs k and v of one shape [B, T, K, D] matching q's B and D; got "
-            f"q {q.shape}, k {k.shape}, v {v.shape}."
-        )
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"{q.shape[2]} query heads cannot share {k.shape[2]} key/value heads evenly."
-        )
-    check_segment_ids(q, k, q_segment_ids, kv_segment_ids)
+    check_shapes(q, k, v, "attention", q_segment_ids, kv_segment_ids)
     segments = q_segment_ids is not None
     if impl == "auto":
         impl = choose_impl(q, k, v, causal=causal, segments=segments)

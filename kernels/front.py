@@ -3,14 +3,17 @@
 A backend supplies only its two kernels (`Kernels`); the front checks the arguments, saves what
 the backward needs, reduces grouped-query gradients and says which inputs take no cotangent
 (segment ids). Global attention (`kernels.attention`) and neighborhood attention
-(`kernels.neighborhood_attention`) use it on every backend.
+(`kernels.neighborhood_attention`) use it on every backend; a global-attention backend also gets
+its public `flash_attention` and `flash_attention_with_lse` from `flash_attention_api`, so all of
+them take one signature.
 
 Glossary as in `kernels.reference`: q [B, S, H, D], k and v [B, T, K, D], G = H / K.
 """
 
 import dataclasses
 import functools
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +29,10 @@ class Kernels:
         float32 natural log, -inf for a query that sees no key).
     backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, cfg) -> (dq, dk, dv): dq like q;
         dk and dv either [B, T, K, D] or one per query head [B, T, H, D] (the front sums each
-        group). d_lse (float32 [B, H, S]) is given only to a backend with `takes_d_lse=True`;
-        the others' lse is not differentiable (its cotangent is dropped), as their docs say.
+        group). d_lse (float32 [B, H, S]) is given only to a backend with `takes_d_lse=True`
+        (it folds into FlashAttention's delta = rowsum(dO * O) - d_lse, as all of
+        `kernels.attention`'s backends do); the others' lse is not differentiable (its cotangent
+        is dropped), as their docs say.
     """
 
     name: str
@@ -36,8 +41,10 @@ class Kernels:
     takes_d_lse: bool = False
 
 
-def check_qkv(q, k, v, who: str, q_segment_ids=None, kv_segment_ids=None) -> None:
-    """One clear error unless q [B, S, H, D], k and v [B, T, K, D] with H % K == 0 and one dtype."""
+def check_shapes(q, k, v, who: str, q_segment_ids=None, kv_segment_ids=None) -> None:
+    """One clear error unless q [B, S, H, D], k and v [B, T, K, D] with H % K == 0, and segment
+    ids, if any, [B, S] and [B, T] together. `kernels.attention` checks this much for every
+    implementation (XLA takes mixed dtypes)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"{who} takes q, k, v as [B, S, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}."
@@ -49,9 +56,14 @@ def check_qkv(q, k, v, who: str, q_segment_ids=None, kv_segment_ids=None) -> Non
         )
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{who}: {q.shape[2]} query heads cannot share {k.shape[2]} kv heads.")
+    check_segment_ids(q, k, q_segment_ids, kv_segment_ids)
+
+
+def check_qkv(q, k, v, who: str, q_segment_ids=None, kv_segment_ids=None) -> None:
+    """`check_shapes`, and one dtype for q, k and v (what every kernel here multiplies)."""
+    check_shapes(q, k, v, who, q_segment_ids, kv_segment_ids)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{who} takes q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
-    check_segment_ids(q, k, q_segment_ids, kv_segment_ids)
 
 
 def reduce_groups(grad, like):
@@ -97,3 +109,68 @@ def attend(kernels: Kernels, q, k, v, q_ids, kv_ids, cfg):
 def attend_out(kernels: Kernels, q, k, v, q_ids, kv_ids, cfg):
     """`attend`'s output alone: what `flash_attention` of every backend returns."""
     return attend(kernels, q, k, v, q_ids, kv_ids, cfg)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The keyword arguments of every global-attention backend's `flash_attention`, as its
+    `configure` sees them: causal (later keys masked, aligned at the end when S != T), scale
+    (None: D ** -0.5), block_q and block_k (None: the backend's defaults), interpret (run the
+    kernels on the CPU, for tests) and the backend's own tuning {name: value}."""
+
+    causal: bool
+    scale: float | None
+    block_q: int | None
+    block_k: int | None
+    interpret: object
+    tuning: Mapping[str, object]
+
+
+def flash_attention_api(kernels: Kernels, configure: Callable) -> tuple[Callable, Callable]:
+    """(flash_attention, flash_attention_with_lse) of a global-attention backend.
+
+    configure(q, k, v, q_segment_ids, kv_segment_ids, options: Options) -> cfg checks what the
+    backend cannot run (`check_qkv`, then its own dtypes, head dims, blocks, tuning names) and
+    returns its static config; its docstring says what the backend takes.
+    """
+
+    def flash_attention_with_lse(
+        q,
+        k,
+        v,
+        *,
+        causal=False,
+        scale=None,
+        q_segment_ids=None,
+        kv_segment_ids=None,
+        block_q=None,
+        block_k=None,
+        interpret=False,
+        **tuning,
+    ):
+        options = Options(bool(causal), scale, block_q, block_k, interpret, tuning)
+        cfg = configure(q, k, v, q_segment_ids, kv_segment_ids, options)
+        return attend(kernels, q, k, v, q_segment_ids, kv_segment_ids, cfg)
+
+    def flash_attention(q, k, v, **options):
+        return flash_attention_with_lse(q, k, v, **options)[0]
+
+    flash_attention.__signature__ = inspect.signature(flash_attention_with_lse)  # for help()
+
+    where = f"{configure.__module__}.configure"
+    flash_attention.__doc__ = (
+        f"softmax(q k^T scale) v by the {kernels.name} kernels: q [B, S, H, D], k and v\n"
+        f"[B, T, K, D] (H % K == 0) -> [B, S, H, D] in q's dtype, masked as `kernels.reference`\n"
+        f"says; q_segment_ids [B, S] and kv_segment_ids [B, T] together.\n\n"
+        f"Keyword arguments: `kernels.front.Options`; what this backend takes, and its tuning:\n"
+        f"`{where}`."
+    )
+    differentiable = "both differentiable" if kernels.takes_d_lse else "out differentiable"
+    flash_attention_with_lse.__doc__ = (
+        f"(out [B, S, H, D], lse [B, H, S] float32 natural log, -inf for a query that sees no\n"
+        f"key), {differentiable}; arguments as `flash_attention`."
+    )
+    for function in (flash_attention, flash_attention_with_lse):
+        function.__module__ = configure.__module__
+        function.__qualname__ = function.__name__
+    return flash_attention, flash_attention_with_lse

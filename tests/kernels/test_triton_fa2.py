@@ -1,8 +1,8 @@
 """kernels.triton_fa2 against kernels.reference: forward, lse and dq/dk/dv.
 
 On a CPU the Triton kernels run in triton's interpreter (numpy) through triton_host.launch, using
-the same launch plans and the same forward/backward assembly that flash_attention's custom_vjp
-runs through jax-triton; outputs start as NaN so unwritten tiles fail. Tiny shapes and 16/32 tiles
+the same launch plans and the same forward/backward that flash_attention runs through jax-triton
+behind kernels.front; outputs start as NaN so unwritten tiles fail. Tiny shapes and 16/32 tiles
 keep the interpreter fast; sequence lengths are 1-3 tiles plus a remainder.
 
 TRITON_INTERPRET must be 1 before triton is first imported (triton.jit reads it when decorating),
@@ -31,7 +31,9 @@ pytest.importorskip("triton", reason="the Triton kernels need the triton package
 import triton_host  # noqa: E402
 
 import kernels.triton_fa2 as fa2  # noqa: E402
+from kernels import front  # noqa: E402
 from kernels.reference import attention_reference, attention_reference_with_lse  # noqa: E402
+from kernels.triton_fa2 import backward, common, forward  # noqa: E402
 
 interpreted = pytest.mark.skipif(
     not triton_host.interpreter_ready(),
@@ -88,15 +90,14 @@ def _run_and_compare(
 ):  # fmt: skip
     q, k, v, do = _inputs((batch, seq_q, heads, dim), (batch, seq_k, kv_heads, dim), dtype)
     q_ids, kv_ids = _key_padding(batch, seq_q, seq_k) if segments else (None, None)
-    problem = fa2.make_problem(
-        q, k, v, causal=causal, scale=scale, q_segment_ids=q_ids, kv_segment_ids=kv_ids
-    )
-    tunings = fa2.resolve_tuning(dim, block_q=block_q, block_k=block_k)
+    options = front.Options(causal, scale, block_q, block_k, interpret=False, tuning={})
+    cfg = fa2.configure(q, k, v, q_ids, kv_ids, options)
 
-    # Exactly the custom_vjp's forward and backward, with the interpreter as the launcher.
-    out, lse = fa2.attention_forward(triton_host.launch, problem, tunings, q, k, v, q_ids, kv_ids)
-    residuals = (q, k, v, q_ids, kv_ids, out, lse)
-    dq, dk, dv = fa2.attention_backward(triton_host.launch, problem, tunings, residuals, do)
+    # Exactly the front's forward and backward kernels, with the interpreter as the launcher.
+    out, lse = forward.forward(q, k, v, q_ids, kv_ids, cfg, triton_host.launch)
+    dq, dk, dv = backward.backward(
+        q, k, v, q_ids, kv_ids, out, lse, do, None, cfg, triton_host.launch
+    )
 
     # The reference runs in float32 on the same (rounded) inputs: the truth half precision
     # kernels are measured against. One jit: op-by-op dispatch would compile ~70 tiny programs.
@@ -157,13 +158,10 @@ def test_lse_cotangent_folds_into_delta():
     """flash_attention_with_lse is differentiable in lse too: dS = P (dP - (delta - dlse))."""
     q, k, v, do = _inputs((1, 21, 2, 16), (1, 30, 2, 16), "float32")
     dlse = np.random.default_rng(1).standard_normal((1, 2, 21)).astype(np.float32)
-    problem = fa2.make_problem(
-        q, k, v, causal=True, scale=None, q_segment_ids=None, kv_segment_ids=None
-    )
-    tunings = fa2.resolve_tuning(16, block_q=16, block_k=16)
-    out, lse = fa2.attention_forward(triton_host.launch, problem, tunings, q, k, v, None, None)
-    residuals = (q, k, v, None, None, out, lse)
-    grads = fa2.attention_backward(triton_host.launch, problem, tunings, residuals, do, dlse)
+    options = front.Options(True, None, 16, 16, interpret=False, tuning={})
+    cfg = fa2.configure(q, k, v, None, None, options)
+    out, lse = forward.forward(q, k, v, None, None, cfg, triton_host.launch)
+    grads = backward.backward(q, k, v, None, None, out, lse, do, dlse, cfg, triton_host.launch)
     reference = jax.jit(lambda *a: attention_reference_with_lse(*a, causal=True))
     _, vjp = jax.vjp(reference, q, k, v)
     for name, got, want in zip("qkv", grads, vjp((do, dlse)), strict=True):
@@ -184,9 +182,9 @@ def _callback_launch(plan, arrays):
 
 @interpreted
 def test_flash_attention_custom_vjp(monkeypatch):
-    """flash_attention itself (custom_vjp, residuals, cotangent plumbing) under jax.jit and
-    jax.vjp, with triton_call swapped for the interpreter."""
-    monkeypatch.setattr(fa2, "_triton_launch", _callback_launch)
+    """flash_attention itself (kernels.front's custom_vjp, residuals, cotangent plumbing) under
+    jax.jit and jax.vjp, with triton_call swapped for the interpreter."""
+    monkeypatch.setattr(common, "jax_triton_launch", _callback_launch)
     q, k, v, do = _inputs((2, 21, 4, 16), (2, 34, 2, 16), "float32")
     q_ids, kv_ids = _key_padding(2, 21, 34)
     kw = dict(causal=True, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
@@ -203,7 +201,7 @@ def test_flash_attention_custom_vjp(monkeypatch):
     [
         (dict(dtype=np.float64), "one dtype among"),
         (dict(dim=300), "head dims 1..256"),
-        (dict(kv_heads=3), "H % K == 0"),
+        (dict(kv_heads=3), "cannot share"),
         (dict(block_q=24), "power of two >= 16"),
         (dict(num_buffers=2), "unknown tuning options"),
         (dict(dot_precision="fast"), "dot_precision must be one of"),

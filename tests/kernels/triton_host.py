@@ -23,7 +23,7 @@ import contextlib
 import jax.numpy as jnp
 import numpy as np
 
-import kernels.triton_fa2 as fa2
+from kernels.triton_fa2.common import LaunchPlan
 
 
 class _Storage:
@@ -113,16 +113,16 @@ def _bf16_dots():
         interpreter.InterpreterBuilder.create_dot = original
 
 
-def launch(plan: fa2.LaunchPlan, arrays) -> tuple:
-    """Run one plan on numpy arrays (a drop-in for the jax-triton launcher in kernels.triton_fa2).
+def launch(plan: LaunchPlan, arrays) -> tuple:
+    """Run one plan on numpy arrays (a drop-in for kernels.triton_fa2.common.jax_triton_launch).
     Outputs start as NaN, so any element a kernel fails to write shows up in the comparison."""
-    from kernels import triton_fa2_kernels
+    from kernels.triton_fa2 import kernels as triton_kernels
 
     if not interpreter_ready():
         raise RuntimeError(
             "triton_host.launch needs TRITON_INTERPRET=1 set before triton is first imported."
         )
-    kernel = getattr(triton_fa2_kernels, plan.kernel)
+    kernel = getattr(triton_kernels, plan.kernel)
     dummy = np.zeros((1,), np.int32)  # segment ids the kernel never reads
     inputs = [
         HostTensor(dummy if arrays[name] is None else np.ascontiguousarray(arrays[name]))

@@ -1,15 +1,16 @@
 """FlashAttention backward for Hopper GPUs (sm90a) in Pallas Mosaic GPU: the dQ and dK/dV kernels.
 
-Glossary as in `kernels.mosaic_gpu`: B batch, S/T query/key tokens, H/K query/key-value heads, D
-head dim; `bq`/`bk` query/key tile rows, a "slot" one of the producer's SMEM ring buffers.
+Glossary as in `kernels.mosaic_gpu.common`: B batch, S/T query/key tokens, H/K query/key-value
+heads, D head dim; `bq`/`bk` query/key tile rows, a "slot" one of the producer's SMEM ring buffers.
 
 FlashAttention-2's backward (Dao 2023, Algorithm 2) split in two kernels, as FlashAttention-3 does,
 so neither needs atomics: with P = exp2(S log2(e) - lse2) rebuilt from the saved base-2 lse and
-delta = rowsum(dO * O) precomputed by XLA,
+delta = rowsum(dO * O) - d_lse precomputed by XLA (a cotangent of lse folds into delta: d lse_i /
+d s_ij = P_ij),
 - dQ: each consumer warpgroup owns a query tile and loops over key blocks,
   dQ = scale * sum_j (P_j * (dO V_j^T - delta)) K_j;
 - dK/dV: each consumer owns a key tile and loops over query blocks, dV = sum_i P_i^T dO_i,
-  dK = scale * sum_i dS_i^T Q_i. GQA sums dK/dV over a group's query heads afterwards in XLA.
+  dK = scale * sum_i dS_i^T Q_i, one per query head (`kernels.front` sums each GQA group).
 Both use the forward's layout: a producer warpgroup streams the loop's blocks with TMA while two
 consumers compute with wgmma. Key tiles padded past T are masked in dQ and simply dropped in
 dK/dV; padded query rows carry lse2 = +inf, so their P is 0 everywhere.
@@ -24,25 +25,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.common import LOG2_E, pad_axis
-from kernels.mosaic_gpu import (
+from kernels.mosaic_gpu.common import (
     CONSUMERS,
     Config,
+    call,
     drain,
-    interpret_params,
-    iota,
     kv_range,
     layout,
     load_vector,
+    mask,
     matmul,
     matmul_acc,
     produce,
+    produce_keys,
     smem_transforms,
-    visible,
 )
 
 
 def _dq_kernel(cfg: Config, dims, refs, smem, bars):
-    seq_q, seq_k, groups, has_seg = dims
+    seq_k, has_seg = dims[1], dims[3]
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
     q_smem, do_smem, lse_smem, delta_smem, qseg_smem, k_smem, v_smem, kseg_smem = smem
     tile_bars, k_bars, v_bars, k_done, v_done = bars
@@ -50,15 +51,8 @@ def _dq_kernel(cfg: Config, dims, refs, smem, bars):
     slots = k_smem.shape[0]
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("head"), lax.axis_index("wg")
     cta_start = lax.axis_index("tile") * (CONSUMERS * bq)
-    bounds = functools.partial(
-        kv_range,
-        block_k=bk,
-        seq_q=seq_q,
-        seq_k=seq_k,
-        num_blocks=pl.cdiv(seq_k, bk),  # skips key blocks that are all padding
-        causal=cfg.causal,
-        segments=has_seg,
-    )
+    num_blocks = pl.cdiv(seq_k, bk)  # skips key blocks that are all padding
+    bounds = functools.partial(kv_range, cfg=cfg, dims=dims, block_k=bk, num_blocks=num_blocks)
     cta_steps, _ = bounds(cta_start, CONSUMERS * bq)
 
     @pl.when(wg < CONSUMERS)
@@ -86,16 +80,7 @@ def _dq_kernel(cfg: Config, dims, refs, smem, bars):
             s = s * (cfg.scale * LOG2_E)  # [bq, bk]
             if masked:
                 k_ids = load_vector(kseg_smem.at[slot], "cols", interp) if has_seg else None
-                mask = visible(
-                    iota(s.shape, 0, interp) + q_start,
-                    iota(s.shape, 1, interp) + kv_step * bk,
-                    causal=cfg.causal,
-                    offset=seq_k - seq_q,
-                    seq_k=seq_k,
-                    row_ids=q_ids,
-                    col_ids=k_ids,
-                )
-                s = jnp.where(mask, s, -jnp.inf)
+                s = mask(s, q_start, kv_step * bk, cfg, dims, q_ids, k_ids, keys_in_rows=False)
             p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
             plgpu.barrier_wait(v_bars.at[slot])
             dp = matmul(do_smem.at[wg], v_smem.at[slot], transpose_b=True, interpret=interp)
@@ -116,36 +101,25 @@ def _dq_kernel(cfg: Config, dims, refs, smem, bars):
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, groups)
-
-        def k_copies(kv_step):
-            keys = pl.ds(kv_step * bk, bk)
-            yield k_ref.at[batch, keys, kv_head], k_smem
-            if has_seg:
-                yield kseg_ref.at[batch, keys], kseg_smem
-
-        def v_copies(kv_step):
-            yield v_ref.at[batch, pl.ds(kv_step * bk, bk), kv_head], v_smem
-
-        produce(0, cta_steps, slots, ((k_bars, k_done, k_copies), (v_bars, v_done, v_copies)))
+        rings, key_bars = (k_smem, v_smem, kseg_smem), (k_bars, v_bars, k_done, v_done)
+        refs = (k_ref, v_ref, kseg_ref)
+        produce_keys(refs, rings, key_bars, dims, steps=cta_steps, block_k=bk)
 
 
-def _q_range(k_start, keys, *, block_q, seq_q, seq_k, num_blocks, causal, segments):
+def _q_range(k_start, keys, cfg: Config, dims, *, block_q, num_blocks):
     """(first, full): the query blocks that see keys [k_start, k_start + keys) are first .. end;
     those from `full` on see all of them, so need no mask (causal: queries at or past the
-    diagonal; FA2 section 3.1.1)."""
-    del segments  # the caller masks every block then
-    if not causal:
+    diagonal; FA2 section 3.1.1). With segment ids the caller masks every block."""
+    if not cfg.causal:
         return 0, 0
-    offset = seq_k - seq_q
+    offset = dims[1] - dims[0]  # T - S
     first = jnp.minimum(lax.div(jnp.maximum(k_start - offset, 0), block_q), num_blocks)
     full = lax.div(jnp.maximum(k_start + keys - 1 - offset, 0) + block_q - 1, block_q)
     return first, jnp.clip(full, first, num_blocks)
 
 
 def _dkv_kernel(cfg: Config, dims, refs, smem, bars):
-    seq_q, seq_k, groups, has_seg = dims
+    seq_q, _, groups, has_seg = dims
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
     k_smem, v_smem, kseg_smem, q_smem, do_smem, lse_smem, delta_smem, qseg_smem = smem
     tile_bars, q_bars, do_bars, q_done, do_done = bars
@@ -154,15 +128,7 @@ def _dkv_kernel(cfg: Config, dims, refs, smem, bars):
     num_blocks = pl.cdiv(seq_q, bq)  # skips query blocks that are all padding
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("head"), lax.axis_index("wg")
     cta_start = lax.axis_index("tile") * (CONSUMERS * bk)
-    bounds = functools.partial(
-        _q_range,
-        block_q=bq,
-        seq_q=seq_q,
-        seq_k=seq_k,
-        num_blocks=num_blocks,
-        causal=cfg.causal,
-        segments=has_seg,
-    )
+    bounds = functools.partial(_q_range, cfg=cfg, dims=dims, block_q=bq, num_blocks=num_blocks)
     cta_first, _ = bounds(cta_start, CONSUMERS * bk)
 
     @pl.when(wg < CONSUMERS)
@@ -191,17 +157,7 @@ def _dkv_kernel(cfg: Config, dims, refs, smem, bars):
             st = st * (cfg.scale * LOG2_E)  # [bk, bq]
             if masked:
                 q_ids = load_vector(qseg_smem.at[slot], "cols", interp) if has_seg else None
-                mask = visible(
-                    iota(st.shape, 0, interp) + k_start,
-                    iota(st.shape, 1, interp) + q_step * bq,
-                    causal=cfg.causal,
-                    offset=seq_k - seq_q,
-                    seq_k=seq_k,
-                    row_ids=k_ids,
-                    col_ids=q_ids,
-                    keys_in_rows=True,
-                )
-                st = jnp.where(mask, st, -jnp.inf)
+                st = mask(st, k_start, q_step * bq, cfg, dims, k_ids, q_ids, keys_in_rows=True)
             lse = load_vector(lse_smem.at[slot], "cols", interp)
             pt = jnp.exp2(st - lax.broadcast_in_dim(lse, st.shape, [1]))
             plgpu.barrier_wait(do_bars.at[slot])
@@ -227,8 +183,6 @@ def _dkv_kernel(cfg: Config, dims, refs, smem, bars):
 
     @pl.when(wg == CONSUMERS)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-
         def q_copies(q_step):
             rows = pl.ds(q_step * bq, bq)
             yield q_ref.at[batch, rows, head], q_smem
@@ -245,26 +199,9 @@ def _dkv_kernel(cfg: Config, dims, refs, smem, bars):
         produce(cta_first, num_blocks, slots, stages)
 
 
-def _call(kernel, cfg, dims, args, out_type, smem, bars, grid):
-    def body(*refs):
-        *refs, smem_refs, bar_refs = refs
-        kernel(cfg, dims, refs, smem_refs, bar_refs)
-
-    return plgpu.kernel(
-        body,
-        out_type=out_type,
-        scratch_types=(smem, bars),
-        grid=grid,
-        grid_names=("tile", "head", "batch"),
-        num_threads=CONSUMERS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(cfg.interpret),
-    )(*args)
-
-
-def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, cfg: Config):
-    """(dq, dk, dv) of flash attention from the forward's residuals and the cotangent d_out."""
+def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, cfg: Config):
+    """(dq [B, S, H, D], dk and dv per query head [B, T, H, D]) from the forward's residuals and
+    the cotangents of out and lse (d_lse may be None)."""
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     if dim > 128 and not cfg.interpret:
@@ -277,6 +214,8 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, cfg: Config):
     delta = jnp.einsum(
         "bshd,bshd->bhs", out.astype(jnp.float32), d_out.astype(jnp.float32)
     )  # [B, H, S]
+    if d_lse is not None:
+        delta = delta - d_lse
     # Base-2 lse; a query that saw no key gets +inf, so exp2(s - lse2) is 0, never NaN.
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2_E, jnp.inf)
     q_rows, k_rows = CONSUMERS * bq, CONSUMERS * bk  # both kernels tile both sequences
@@ -304,7 +243,7 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, cfg: Config):
 
     extra = int(has_seg)
     dq_slots = min(cfg.max_concurrent_steps, seq_kp // bk)
-    dq = _call(
+    dq = call(
         _dq_kernel,
         cfg,
         dims,
@@ -330,7 +269,7 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, cfg: Config):
         (seq_qp // q_rows, heads, batch),
     )
     dkv_slots = min(cfg.max_concurrent_steps, seq_qp // bq)
-    dk, dv = _call(
+    dk, dv = call(
         _dkv_kernel,
         cfg,
         dims,
@@ -355,9 +294,5 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, cfg: Config):
         ),
         (seq_kp // k_rows, heads, batch),
     )
-    # GQA: each query head wrote its own dK/dV; a key/value head's are the sum over its group.
-    groups = heads // kv_heads
-    shape = (batch, seq_kp, kv_heads, groups, dim)
-    dk = dk.reshape(shape).astype(jnp.float32).sum(3)[:, :seq_k].astype(k.dtype)
-    dv = dv.reshape(shape).astype(jnp.float32).sum(3)[:, :seq_k].astype(v.dtype)
-    return dq[:, :seq_q], dk, dv
+    # GQA: each query head wrote its own dK/dV; the front sums them over each group.
+    return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]

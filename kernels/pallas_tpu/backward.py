@@ -1,7 +1,7 @@
 """FlashAttention-2's backward pass for TPUs in Pallas: a dK/dV kernel and a separate dQ kernel.
 
-Glossary as in `kernels.pallas_tpu`: B batch, S/T query/key tokens, H/K query/key-value heads,
-G = H // K, D head dim, bq/bk block lengths, nq/nk block counts, Sp/Tp padded lengths.
+Glossary as in `kernels.pallas_tpu.common`: B batch, S/T query/key tokens, H/K query/key-value
+heads, G = H // K, D head dim, bq/bk block lengths, nq/nk block counts, Sp/Tp padded lengths.
 
 Dao 2023 (FlashAttention-2), Algorithm 2, adds each dQ contribution to HBM atomically inside
 the loop over query blocks; a TPU grid step has no atomic adds, so dQ gets a kernel of its own:
@@ -10,7 +10,8 @@ every output is accumulated in VMEM by exactly one grid row. Both recompute P = 
 the saved log-sum-exp; the only inputs besides q, k, v, dO are two per-query rows:
 - lse2 = lse log2(e), with +inf where the query saw no key, so P = exp2(s - inf) = 0 there
   instead of exp2(-inf + inf) = NaN;
-- delta = rowsum(dO * O), FlashAttention-2's D_i, a small XLA reduction before the kernels.
+- delta = rowsum(dO * O), FlashAttention-2's D_i, a small XLA reduction before the kernels,
+  minus the cotangent of lse where one is given (d lse_i / d s_ij = P_ij, so it folds in there).
 Both are stored [B, H, 1, Sp] (a row of S on lanes): the dK/dV kernel works on transposed
 [bk, bq] tiles where a row broadcasts as it is, and the dQ kernel turns its (1, bq) row into a
 (bq, 1) column once per query block.
@@ -25,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.common import LOG2_E, pad_axis
-from kernels.pallas_tpu import (
+from kernels.pallas_tpu.common import (
     NT,
     NUM_LANES,
     NUM_SUBLANES,
@@ -117,9 +118,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, tiles, sc
         dq_ref[...] = (dq_acc[...] * scale).astype(dq_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=8)
-def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, dout, config):
-    """(dq, dk, dv) in the dtypes of q, k, v, from the residuals of `pallas_tpu.forward`."""
+@functools.partial(jax.jit, static_argnums=9)
+def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, dout, dlse, config):
+    """(dq, dk, dv) in the dtypes of q, k, v, from the residuals of `forward.forward` and the
+    cotangents of its out and lse (dlse may be None)."""
     batch, seq_q, heads, dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -128,6 +130,8 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, dout, config):
     block_q, block_k, num_q = tiles.block_q, tiles.block_k, tiles.num_q
 
     delta = jnp.einsum("bshd,bshd->bhs", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse
     lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2_E)
     # Padded query rows get lse2 = +inf, so they add nothing to dK, dV (their dO is 0 as well).
     lse2 = pad_axis(lse2, 2, block_q, jnp.inf)[:, :, None, :]  # [B, H, 1, Sp]

@@ -13,7 +13,8 @@ Logits stay in base 2 (`qk_scale` = scale * log2(e)): exp2 is one MUFU instructi
 Masked logits are -inf while the running max starts at the finite MASK_VALUE, so exp2 never sees
 (-inf) - (-inf) and a query that sees no key keeps l = 0, which the epilogue turns into zeros and
 lse = -inf (the reference's convention). Launch plans (grids, strides, constexprs) live in
-`kernels.triton_fa2`; this module is imported only where triton is.
+`kernels.triton_fa2.forward` and `.backward`; this module is imported only by a launcher (jax-triton
+on a GPU, triton's interpreter in the tests), where triton is.
 """
 
 import triton
