@@ -8,12 +8,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from patchdiff.models.layers import PLACEHOLDER_CONVS, ConvFactory, default_conv3x3
+from patchdiff.models.dit import DiT, build_dit
+from patchdiff.models.hdit import HDiT, build_hdit
+from patchdiff.models.layers import DTYPES, PLACEHOLDER_CONVS, ConvFactory, default_conv3x3
 from patchdiff.models.unet import ARCHS, UNet, level_resolutions
 from patchdiff.registry import Registry
 
 MODELS = Registry("model")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @MODELS.register("unet")
@@ -41,18 +42,8 @@ def build_unet(config, conv3x3: ConvFactory = default_conv3x3):
     )
 
 
-@MODELS.register("dit")
-def build_dit(config, **kwargs):
-    from patchdiff.models.dit import build_dit as build  # TODO(integration): top-level import
-
-    return build(config, **kwargs)
-
-
-@MODELS.register("hdit")
-def build_hdit(config, **kwargs):
-    from patchdiff.models.hdit import build_hdit as build  # TODO(integration): top-level import
-
-    return build(config, **kwargs)
+MODELS.register("dit")(build_dit)
+MODELS.register("hdit")(build_hdit)
 
 
 def build_model(config, **kwargs):
@@ -94,6 +85,8 @@ def init_params(model, key, config, batch: int = 1):
 __all__ = [
     "ARCHS",
     "DTYPES",
+    "DiT",
+    "HDiT",
     "MODELS",
     "PLACEHOLDER_CONVS",
     "UNet",

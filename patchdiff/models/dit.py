@@ -43,6 +43,7 @@ import kernels
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.patches import coordinate_grid
 from patchdiff.models.layers import (
+    DTYPES,
     NoiseEmbedding,
     default_init,
     dense,
@@ -293,8 +294,6 @@ def build_dit(config, **kwargs):
             f"DiT takes no build options, got {', '.join(sorted(kwargs))}: kernel search's "
             "conv3x3 seam replaces U-Net convolutions, and DiT has none."
         )
-    from patchdiff.models import DTYPES  # the package imports this module lazily
-
     m, d = config.model, config.model.dit
     return DiT(
         out_channels=config.data.channels,

@@ -52,7 +52,7 @@ import numpy as np
 import kernels
 from kernels.neighborhood import neighborhood_attention
 from patchdiff.diffusion.patches import coordinate_grid
-from patchdiff.models.layers import Dropout, depth_to_space, space_to_depth
+from patchdiff.models.layers import DTYPES, Dropout, depth_to_space, space_to_depth
 from patchdiff.models.rope import apply_rope, axial_rope_angles, token_positions
 
 # PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)): U(+-1 / sqrt(fan_in)).
@@ -422,8 +422,6 @@ def hdit_problems(config) -> list[str]:
 def build_hdit(config, **kwargs):
     """The HDiT that `config.model.hdit` (and model.patch_size, num_classes, augment_dim, dtype,
     attention_impl, remat, scan; data.channels, resolution) describes."""
-    from patchdiff.models import DTYPES
-
     if kwargs:
         raise ValueError(
             f"the HDiT builder takes no keyword arguments, but got {', '.join(sorted(kwargs))} "

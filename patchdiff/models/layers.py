@@ -31,6 +31,9 @@ zeros = nn.initializers.zeros
 near_zero_init = nn.initializers.variance_scaling(1e-10, "fan_avg", "uniform")
 attention_init = nn.initializers.variance_scaling(0.2, "fan_avg", "uniform")
 
+# config.model.dtype -> the compute dtype (parameters stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 
 def conv(features, kernel, name, *, init=default_init, dtype=jnp.float32):
     """A 'SAME' conv with kernel axes (None, None, "conv_in", "conv_out")."""
