@@ -1,8 +1,11 @@
-"""Parameters, FLOPs per image and forward+backward time per image of the U-Net at P = 1, 2, 4.
+"""Parameters, FLOPs per image and forward+backward time per image: of the U-Net at stem patch
+sizes P = 1, 2, 4, or (--sweep resolution) of HDiT, HDiT with global attention, DiT and the U-Net
+at 256, 512 and 1024 pixels.
 
     python -m benchmarks.model_cost                      # CIFAR-10 DDPM++ size, float32
     python -m benchmarks.model_cost --batch 128 --dtype bfloat16   # on a GPU
     python -m benchmarks.model_cost --config ml_collections_configs/base.py:runlocal
+    python -m benchmarks.model_cost --sweep resolution --batch 1   # cost against resolution
 
 P = 1 is the reference: the same network without the patchify stem, run on the same device and
 inputs in the same process. Forward+backward is the gradient of the EDM denoising loss with
@@ -12,7 +15,9 @@ benchmarks/results/model_cost.json (or --out).
 """
 
 import argparse
+import functools
 import importlib.util
+import pathlib
 import sys
 
 import jax
@@ -22,7 +27,7 @@ from benchmarks.common import environment, time_fn, write_json
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.models import build_model, dummy_inputs, init_params
-from patchdiff.models.cost import count_params, forward_flops_per_image
+from patchdiff.models.cost import count_params, forward_flops_per_image, forward_macs_per_image
 from patchdiff.summary import network_variant
 from patchdiff.tables import format_table
 
@@ -36,7 +41,10 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
-def measure(config, batch: int, iters: int) -> dict:
+def measure(config, batch: int, iters: int, memory_limit_gib: float | None = None) -> dict:
+    """Params, forward FLOPs per image and the timed gradient of the denoising loss; with
+    `memory_limit_gib`, a step whose compiled program needs more temporary memory than that is
+    compiled but not run (its time is None and "skipped" says why)."""
     model = build_model(config)
     params = init_params(model, jax.random.key(0), config)
     loss_kwargs = diffusion_build.build_loss_kwargs(config.diffusion, config.data.resolution)
@@ -55,14 +63,100 @@ def measure(config, batch: int, iters: int) -> dict:
 
         return jax.grad(loss)(params)
 
-    timing = time_fn(grad_step, params, jax.random.key(2), warmup=1, iters=iters)
-    return {
+    row = {
         "params": count_params(params),
         "gflops_per_image": forward_flops_per_image(model, params, config) / 1e9,
-        "fwd_bwd_ms_per_image": timing["median"] / batch * 1e3,
-        "fwd_bwd_ms_per_image_min": timing["min"] / batch * 1e3,
-        "compile_s": timing["compile"],
     }
+    if memory_limit_gib is not None:
+        compiled = grad_step.lower(params, jax.random.key(2)).compile()
+        temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+        row["temp_gib"] = temp_gib
+        if temp_gib > memory_limit_gib:
+            row.update(
+                fwd_bwd_ms_per_image=None,
+                compile_s=None,
+                skipped=f"needs {temp_gib:.1f} GiB of temporaries (limit {memory_limit_gib})",
+            )
+            return row
+    timing = time_fn(grad_step, params, jax.random.key(2), warmup=1, iters=iters)
+    row.update(
+        fwd_bwd_ms_per_image=timing["median"] / batch * 1e3,
+        fwd_bwd_ms_per_image_min=timing["min"] / batch * 1e3,
+        compile_s=timing["compile"],
+    )
+    return row
+
+
+KEY = jax.random.key(0)
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "ml_collections_configs"
+# --sweep resolution: each network as its config builds it, only the image size changing (and
+# the U-Net's attention kept at the same levels). DiT-B/4 runs in pixel space, as HDiT does, so
+# that tokens grow with pixels for both: 64x64 tokens at 256 pixels.
+SWEEP_MODELS = {
+    "hdit": ("hdit_ffhq1024.py", {}),
+    "hdit_global": ("hdit_ffhq1024.py", {"neighborhood_kernel": 0}),
+    "dit_b4": ("dit_b4_cifar10.py", {}),
+    "unet_p4": ("lsun256_p4.py", {}),
+}
+
+
+def sweep_config(name: str, resolution: int, dtype: str):
+    file, hdit_overrides = SWEEP_MODELS[name]
+    config = load_config(str(CONFIGS / file))
+    base_resolution = config.data.resolution
+    config.data.resolution, config.data.channels = resolution, 3
+    config.model.dtype = dtype
+    config.model.hdit.update(hdit_overrides)
+    if config.model.name == "unet":  # the same levels attend: their sizes scale with R
+        scale = resolution // base_resolution
+        config.model.attn_resolutions = tuple(r * scale for r in config.model.attn_resolutions)
+    return config
+
+
+def resolution_sweep(args, env):
+    rows = []
+    for name in args.models.split(","):
+        for resolution in (int(r) for r in args.resolutions.split(",")):
+            config = sweep_config(name, resolution, args.dtype)
+            row = {"model": name, "resolution": resolution}
+            row.update(measure(config, args.batch, args.iters, args.memory_limit_gib))
+            model = build_model(config)
+            params = jax.eval_shape(functools.partial(init_params, model, config=config), KEY)
+            row["gmacs_per_image"] = forward_macs_per_image(model, params, config) / 1e9
+            rows.append(row)
+            print(f"{name} at {resolution} done", file=sys.stderr, flush=True)
+    by_model = {}
+    for row in rows:
+        previous = by_model.get(row["model"])
+        row["flops_x_per_doubling"] = (
+            row["gflops_per_image"] / previous["gflops_per_image"] if previous else None
+        )
+        by_model[row["model"]] = row
+    print(
+        f"{env['device']} ({env['device_count']} devices), jax {env['jax']}, batch "
+        f"{args.batch}, {args.dtype}, commit {env['commit']}, {env['date']}"
+    )
+    table = [
+        {
+            "model": r["model"],
+            "pixels": f"{r['resolution']}^2",
+            "params_M": r["params"] / 1e6,
+            "GMACs/img": r["gmacs_per_image"],
+            "XLA GFLOPs/img": r["gflops_per_image"],
+            "x per doubling": r["flops_x_per_doubling"] or "",
+            "fwd+bwd s/img": (
+                r["fwd_bwd_ms_per_image"] / 1e3 if r["fwd_bwd_ms_per_image"] else r["skipped"]
+            ),
+        }
+        for r in rows
+    ]
+    print(format_table(table))
+    path = write_json(
+        "model_cost_resolution",
+        {"environment": env, "args": vars(args), "rows": rows},
+        args.out,
+    )
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -73,8 +167,22 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--patch-sizes", default="1,2,4")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep", default="patch", choices=["patch", "resolution"])
+    parser.add_argument("--models", default=",".join(SWEEP_MODELS))
+    parser.add_argument("--resolutions", default="256,512,1024")
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=12.0,
+        help="--sweep resolution: steps needing more temporary memory are not timed",
+    )
     args = parser.parse_args(argv)
     env = environment()  # at the start: the commit that runs, not the one at the end
+    if args.sweep == "resolution":
+        unknown = set(args.models.split(",")) - set(SWEEP_MODELS)
+        if unknown:
+            parser.error(f"--models {sorted(unknown)} not known; known: {', '.join(SWEEP_MODELS)}")
+        return resolution_sweep(args, env)
 
     config = load_config(args.config)
     config.model.dtype = args.dtype
