@@ -41,12 +41,28 @@ def cost_rows(config, patch_sizes=PATCH_SIZES) -> list[dict]:
     return rows
 
 
+# One line on each network's shape, by config.model.name.
+DESCRIBE = {
+    "unet": lambda m: (
+        f"channels {m.channels} x {tuple(m.channel_mult)}, {m.num_res_blocks} blocks per level"
+    ),
+    "dit": lambda m: (
+        f"depth {m.dit.depth}, width {m.dit.width}, {m.dit.heads} heads, {m.dit.pos_embed} "
+        "positions"
+    ),
+    "hdit": lambda m: (
+        f"widths {tuple(m.hdit.widths)}, depths {tuple(m.hdit.depths)}, heads of "
+        f"{m.hdit.head_dim}, neighborhood {m.hdit.neighborhood_kernel or 'off'}"
+    ),
+}
+
+
 def summarize(config) -> list[dict]:
     config_lib.validate(config)
     m = config.model
     print(
-        f"{m.name}: channels {m.channels} x {tuple(m.channel_mult)}, {m.num_res_blocks} blocks "
-        f"per level, resolution {config.data.resolution}, {config.data.channels} channels"
+        f"{m.name}: {DESCRIBE[m.name](m)}, patch {m.patch_size}, resolution "
+        f"{config.data.resolution}, {config.data.channels} channels"
     )
     rows = cost_rows(config)
     print(format_table(rows))

@@ -7,11 +7,15 @@ network ported from PyTorch can be checked against the original's figure. Nothin
 run to get either.
 """
 
+import functools
+
 import jax
 import jax.extend
 import numpy as np
 
 from patchdiff.models import build_model, dummy_inputs, init_params
+
+KEY = jax.random.key(0)
 
 
 def count_params(params) -> int:
@@ -60,7 +64,13 @@ def _count_matmuls(jaxpr) -> int:
 
 
 def forward_flops_per_image(model, params, config, batch: int = 1) -> float:
-    """Forward FLOPs of `model` on one full-size image (the batch's total divided by its size)."""
+    """Forward FLOPs of `model` on one full-size image (the batch's total divided by its size).
+
+    XLA's cost analysis counts a loop's body once, so a transformer built with `scan=True` is
+    counted as its unrolled twin (the same layers and FLOPs, parameters laid out per layer)."""
+    if getattr(model, "scan", False):
+        model = model.clone(scan=False)
+        params = jax.eval_shape(functools.partial(init_params, model, config=config), KEY)
     x, c_noise, kwargs = dummy_inputs(config, batch)
     return xla_flops(lambda p: model.apply({"params": p}, x, c_noise, **kwargs), params) / batch
 
