@@ -15,8 +15,6 @@ import numpy as np
 
 from patchdiff.models import build_model, dummy_inputs, init_params
 
-KEY = jax.random.key(0)
-
 
 def count_params(params) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
@@ -70,7 +68,9 @@ def forward_flops_per_image(model, params, config, batch: int = 1) -> float:
     counted as its unrolled twin (the same layers and FLOPs, parameters laid out per layer)."""
     if getattr(model, "scan", False):
         model = model.clone(scan=False)
-        params = jax.eval_shape(functools.partial(init_params, model, config=config), KEY)
+        params = jax.eval_shape(
+            functools.partial(init_params, model, config=config), jax.random.key(0)
+        )
     x, c_noise, kwargs = dummy_inputs(config, batch)
     return xla_flops(lambda p: model.apply({"params": p}, x, c_noise, **kwargs), params) / batch
 
