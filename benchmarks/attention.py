@@ -15,16 +15,13 @@ before its time counts. Prints a table and writes benchmarks/results/attention.j
 """
 
 import argparse
-import json
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kernels
-from benchmarks.common import environment, time_fn, write_json
+from benchmarks.common import environment, merge_measured, time_fn, write_json
 from kernels.attention import IMPLEMENTATIONS, MEASURED, device_class
 from patchdiff.tables import format_table
 
@@ -136,8 +133,6 @@ def measure(shape, dtype, causal, iters, reps, only):
 
 def write_table(rows, dtype, path=MEASURED):
     """Merges this device class's forward+backward TFLOP/s into the table `impl="auto"` reads."""
-    path = pathlib.Path(path)
-    table = json.loads(path.read_text()) if path.exists() else {"devices": {}}
     entries = {}
     for row in rows:
         if "fwd+bwd TFLOP/s" not in row or row["impl"] not in IMPLEMENTATIONS:
@@ -149,24 +144,15 @@ def write_table(rows, dtype, path=MEASURED):
             {"dtype": dtype, "head_dim": dim, "seq": seq, "causal": row["causal"], "tflops": {}},
         )
         entry["tflops"][row["impl"]] = round(row["fwd+bwd TFLOP/s"], 1)
-    env = environment()
-    where = device_class()
-    old = table["devices"].get(where, {}).get("entries", [])
-    fresh = {(e["seq"], e["head_dim"], e["causal"]) for e in entries.values()}
-    kept = [
-        e for e in old if (e["seq"], e["head_dim"], e["causal"]) not in fresh or e["dtype"] != dtype
-    ]
-    table["devices"][where] = {
-        "device": env["device"],
-        "date": env["date"],
-        "commit": env["commit"],
-        "command": "python -m " + " ".join(["benchmarks.attention", *sys.argv[1:]]),
-        "entries": kept + list(entries.values()),
-    }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return merge_measured(
+        path,
+        "devices",
+        device_class(),
+        entries,
+        lambda e: (e["seq"], e["head_dim"], e["causal"]),
+        dtype,
+        "benchmarks.attention",
+    )
 
 
 def main(argv=None):

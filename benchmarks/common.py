@@ -11,6 +11,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import jax
@@ -101,6 +102,30 @@ def write_json(name: str, payload: dict, out: str | None = None) -> pathlib.Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def merge_measured(path, section: str, where: str, entries: dict, key, dtype: str, script: str):
+    """Writes device class `where`'s `entries` ({key(entry): entry}) into the `section` table of
+    kernels/measured.json ("devices" for global attention, "neighborhood"), which `impl="auto"`
+    reads: earlier entries of the same key and dtype are replaced, the rest and the other tables
+    kept, and the file replaced atomically. Returns the path."""
+    path = pathlib.Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault("devices", {})  # kernels.attention indexes it without a default
+    env = environment()
+    old = table.setdefault(section, {}).get(where, {}).get("entries", [])
+    kept = [e for e in old if key(e) not in entries or e["dtype"] != dtype]
+    table[section][where] = {
+        "device": env["device"],
+        "date": env["date"],
+        "commit": env["commit"],
+        "command": "python -m " + " ".join([script, *sys.argv[1:]]),
+        "entries": kept + list(entries.values()),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
     tmp.replace(path)
     return path
 

@@ -19,8 +19,6 @@ device class's forward+backward milliseconds into the "neighborhood" table of ke
 """
 
 import argparse
-import json
-import pathlib
 import sys
 import time
 
@@ -28,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment, time_fn, write_json
+from benchmarks.common import environment, merge_measured, time_fn, write_json
 from kernels.attention import MEASURED, device_class
 from kernels.neighborhood import IMPLEMENTATIONS, neighborhood_attention
 from kernels.neighborhood.reference import neighborhood_attention_dense
@@ -187,10 +185,6 @@ def _timed(row, flops, t_fwd, t_both, error):
 def write_table(rows, dtype, path=MEASURED):
     """Merges this device class's forward+backward milliseconds into measured.json's
     "neighborhood" table (`kernels.neighborhood.choose_impl` reads it), keeping other tables."""
-    path = pathlib.Path(path)
-    table = json.loads(path.read_text()) if path.exists() else {}
-    # benchmarks/attention.py's writer and reader index "devices" without a default.
-    table.setdefault("devices", {})
     entries = {}
     for row in rows:
         if "fwd+bwd ms" not in row or row["impl"] not in IMPLEMENTATIONS:
@@ -202,25 +196,15 @@ def write_table(rows, dtype, path=MEASURED):
             {"dtype": dtype, "head_dim": dim, "tokens": key[0], "kernel_size": row["K"], "ms": {}},
         )
         entry["ms"][row["impl"]] = round(row["fwd+bwd ms"], 3)
-    env, where = environment(), device_class()
-    section = table.setdefault("neighborhood", {})
-    fresh = set(entries)
-    kept = [
-        e
-        for e in section.get(where, {}).get("entries", [])
-        if (e["tokens"], e["head_dim"], e["kernel_size"]) not in fresh or e["dtype"] != dtype
-    ]
-    section[where] = {
-        "device": env["device"],
-        "date": env["date"],
-        "commit": env["commit"],
-        "command": "python -m " + " ".join(["benchmarks.neighborhood_attention", *sys.argv[1:]]),
-        "entries": kept + list(entries.values()),
-    }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return merge_measured(
+        path,
+        "neighborhood",
+        device_class(),
+        entries,
+        lambda e: (e["tokens"], e["head_dim"], e["kernel_size"]),
+        dtype,
+        "benchmarks.neighborhood_attention",
+    )
 
 
 def main(argv=None):
