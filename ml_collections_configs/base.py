@@ -24,6 +24,20 @@ def parse_arg(arg: str | None) -> set[str]:
     return options
 
 
+def shrink_schedule(config):
+    """The schedule of the small configs' `runlocal`: 10 steps of 8 images, a report every 5,
+    checkpoints at 5 and 10, one grid of 8 samples in 6 steps at the end."""
+    config.train.batch_size = 8
+    config.train.total_steps = 10
+    config.train.log_every = 5
+    config.train.checkpoint_every = 5
+    config.train.sample_every = 10
+    config.sample.steps = 6
+    config.sample.num_images = 8
+    config.sample.batch_size = 8
+    return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_arg(arg)
     config = ml_collections.ConfigDict()

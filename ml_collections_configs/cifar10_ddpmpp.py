@@ -25,15 +25,8 @@ def shrink(config):
     config.model.num_res_blocks = 1
     config.model.head_dim = 16
     config.model.attn_resolutions = (config.data.resolution // (2 * config.model.patch_size),)
-    config.train.batch_size = 8
-    config.train.total_steps = 10
-    config.train.log_every = 5
-    config.train.checkpoint_every = 5
-    config.train.sample_every = 10
+    base.shrink_schedule(config)
     config.train.lr_rampup_img = 100
-    config.sample.steps = 6
-    config.sample.num_images = 8
-    config.sample.batch_size = 8
     return config
 
 

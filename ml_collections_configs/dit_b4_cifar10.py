@@ -29,14 +29,7 @@ def dit(config, size: str, patch_size: int):
 def shrink(config):
     """`runlocal`: a two-block DiT and a schedule small enough for a laptop CPU."""
     config.model.dit.depth, config.model.dit.width, config.model.dit.heads = 2, 64, 2
-    config.train.batch_size = 8
-    config.train.total_steps = 10
-    config.train.log_every = 5
-    config.train.checkpoint_every = 5
-    config.train.sample_every = 10
-    config.sample.steps = 6
-    config.sample.num_images = 8
-    config.sample.batch_size = 8
+    base.shrink_schedule(config)
     config.eval.num_samples = 64
     config.eval.steps = 6
     return config

@@ -59,14 +59,7 @@ def shrink(config):
     config.data.resolution = 64
     hdit(config, (32, 64), (1, 1), patch_size=4, mapping_width=64)
     config.model.hdit.head_dim = 16
-    config.train.batch_size = 8
-    config.train.total_steps = 10
-    config.train.log_every = 5
-    config.train.checkpoint_every = 5
-    config.train.sample_every = 10
-    config.sample.steps = 6
-    config.sample.num_images = 8
-    config.sample.batch_size = 8
+    base.shrink_schedule(config)
     config.eval.num_samples = 64
     config.eval.steps = 6
     return config
