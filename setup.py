@@ -27,6 +27,7 @@ CORE = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
     "pillow>=13.0",
+    "safetensors>=0.8",
     "tensorboardX>=2.6",
     "tensorflow-datasets>=4.9.10",
     "tqdm>=4.66",
