@@ -1,5 +1,5 @@
-"""Data: sources (`sources.py`), the seeded resumable loader and prefetch (`pipeline.py`), and the
-per-step plan of patch training.
+"""Data: sources (`sources.py`; VAE latents in `latents.py`, written once by `encode.py`), the
+seeded resumable loader and prefetch (`pipeline.py`), and the per-step plan of patch training.
 
 A training step s uses patch size p_s drawn from the patch schedule with a generator seeded by
 (seed, s), and a global batch of batch_size * R / p_s examples (Patch Diffusion scales the batch
@@ -9,6 +9,7 @@ needs no state of its own in a checkpoint.
 
 import numpy as np
 
+from patchdiff.data.latents import LatentSource, read_meta
 from patchdiff.data.pipeline import Loader, Prefetcher, to_global
 from patchdiff.data.sources import SOURCES, CorruptImage, DataError, open_source
 from patchdiff.diffusion.build import build_patch_schedule
@@ -23,7 +24,7 @@ def step_plan(config, step: int) -> tuple[int, int]:
 
 def build_loader(config, position: int = 0, split=None) -> Loader:
     d = config.data
-    return Loader(
+    loader = Loader(
         open_source(d, split),
         resolution=d.resolution,
         channels=d.channels,
@@ -33,16 +34,22 @@ def build_loader(config, position: int = 0, split=None) -> Loader:
         position=position,
         threads=d.threads,
     )
+    latent = config.get("latent")
+    if getattr(loader.source, "latent", False) and latent and latent.scaling_factor:
+        loader.scaling_factor = float(latent.scaling_factor)  # the user's, over the VAE's
+    return loader
 
 
 __all__ = [
     "SOURCES",
     "CorruptImage",
     "DataError",
+    "LatentSource",
     "Loader",
     "Prefetcher",
     "build_loader",
     "open_source",
+    "read_meta",
     "step_plan",
     "to_global",
 ]

@@ -7,6 +7,10 @@ stores one integer and a restart continues the same stream. Each global batch [G
 G positions; process p reads its slice [p G/P, (p+1) G/P) only. An undecodable image is replaced,
 deterministically, by the next decodable one in index order, with a counted warning.
 
+A latent source (`source.latent`, patchdiff/data/latents.py) takes the same path with VAE latents
+in place of decoded images: example i is a posterior draw seeded by (seed, position), flipped by
+the images' rule, in model space (z - shift) * scale, so its stream resumes just as exactly.
+
 Glossary: G global batch, P processes, R resolution, C channels.
 """
 
@@ -63,7 +67,12 @@ def fit(image: np.ndarray, resolution: int, how: str) -> np.ndarray:
 
 class Loader:
     """Batches of {"image": float32 [G/P, R, R, C] in [-1, 1], "label": int32 [G/P]} for this
-    process, read from position `position` of the seeded stream."""
+    process, read from position `position` of the seeded stream.
+
+    From a latent source "image" holds latents in model space, (z - shift_factor) *
+    scaling_factor: the source's, unless set on the loader after construction (a config's own
+    scale overrides the VAE's).
+    """
 
     def __init__(
         self,
@@ -85,6 +94,16 @@ class Loader:
         self.seed, self.how, self.random_flip = seed, how, random_flip
         self.position = position
         self.skipped = 0
+        self.latent = getattr(source, "latent", False)
+        if self.latent:
+            h, w, c = source.latent_shape
+            if (h, w, c) != (resolution, resolution, channels):
+                raise DataError(
+                    f"config.data.resolution = {resolution} and config.data.channels = "
+                    f"{channels} do not match the latents in {source.folder} ({h} x {w} x {c}): "
+                    f"set them to {h} and {c}."
+                )
+            self.scaling_factor, self.shift_factor = source.scaling_factor, source.shift_factor
         self._perms = {}
         self._pool = ThreadPoolExecutor(threads)
 
@@ -99,6 +118,8 @@ class Loader:
 
     def example(self, position: int, index: int):
         """The preprocessed example at a stream position (`index` = index_at(position))."""
+        if self.latent:
+            return self.latent_example(position, index)
         for attempt in range(len(self.source)):
             try:
                 image, label = self.source[(index + attempt) % len(self.source)]
@@ -113,6 +134,14 @@ class Loader:
             image = image[:, ::-1]
         return image, label
 
+    def latent_example(self, position: int, index: int):
+        """(float32 [R, R, C] in model space, label): the same flip rule as images, and the
+        posterior's noise from its own generator, both functions of (seed, position)."""
+        flip = self.random_flip and np.random.default_rng([self.seed, position, 1]).random() < 0.5
+        noise = np.random.default_rng([self.seed, position, 2])
+        z, label = self.source.latent_at(index, flip, noise)
+        return (z - self.shift_factor) * self.scaling_factor, label
+
     def local_batch(self, global_size: int, position: int):
         """This process's slice of the global batch that starts at `position`."""
         count, index = jax.process_count(), jax.process_index()
@@ -126,7 +155,9 @@ class Loader:
         # Indices first, on this thread: the permutation cache is not shared with the decoders.
         indices = [self.index_at(p) for p in positions]
         examples = list(self._pool.map(self.example, positions, indices))
-        images = np.stack([e[0] for e in examples]).astype(np.float32) / 127.5 - 1
+        images = np.stack([e[0] for e in examples]).astype(np.float32)
+        if not self.latent:
+            images = images / 127.5 - 1
         labels = np.array([e[1] for e in examples], np.int32)
         return {"image": images, "label": labels}
 

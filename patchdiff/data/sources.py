@@ -7,6 +7,7 @@
 | `npz`           | arrays `images` [N, H, W(, C)] uint8 and optional `labels` [N]        |
 | `folder`        | png/jpg files under a folder, recursively; labels from sub-folders    |
 | `tfds`          | a prepared TFDS dataset by name, through `tfds.data_source` (no TF)   |
+| `latents`       | VAE latents that `python -m patchdiff.data.encode` wrote (latents.py) |
 
 An image that cannot be decoded raises `CorruptImage`; the loader skips it with a counted warning.
 """
@@ -191,6 +192,14 @@ class TfdsSource:
 @SOURCES.register("tfds")
 def tfds_source(name, split="train", data_dir=None, **_):
     return TfdsSource(name, split, data_dir)
+
+
+@SOURCES.register("latents")
+def latents_source(path, split="train", **_):
+    # Imported here: latents.py imports DataError from this module.
+    from patchdiff.data.latents import latents_source
+
+    return latents_source(path, split)
 
 
 def open_source(dcfg, split=None):
