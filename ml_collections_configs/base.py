@@ -13,13 +13,15 @@ import ml_collections
 OPTIONS = ("runlocal",)
 
 
-def parse_arg(arg: str | None) -> set[str]:
-    """'runlocal,foo' -> {'runlocal', 'foo'}; unknown options stop with the list of known ones."""
+def parse_arg(arg: str | None, extra: tuple[str, ...] = ()) -> set[str]:
+    """'runlocal,foo' -> {'runlocal', 'foo'}; unknown options stop with the list of known ones
+    (`OPTIONS` plus the config file's own `extra`)."""
+    known = (*OPTIONS, *extra)
     options = {a.strip() for a in (arg or "").split(",") if a.strip()}
-    unknown = options - set(OPTIONS)
+    unknown = options - set(known)
     if unknown:
         raise ValueError(
-            f"config option(s) {sorted(unknown)} are not known; known: {', '.join(OPTIONS)}."
+            f"config option(s) {sorted(unknown)} are not known; known: {', '.join(known)}."
         )
     return options
 
@@ -68,6 +70,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.threads = 4  # decoding threads per process
     config.data.prefetch = 2  # batches prepared ahead of the device
 
+    # Latent diffusion: with data.source = "latents" (a folder written by
+    # `python -m patchdiff.data.encode`) the network trains on VAE latents, data.resolution and
+    # data.channels being the latents' (32 and 4 for SD's VAE at 256 pixels), and every sample is
+    # decoded through the VAE, so grids, --mode sample and FID stay in pixel space.
+    config.latent = ml_collections.ConfigDict()
+    # The VAE that decodes samples: "" = the one the latents were encoded with (their
+    # meta.json), or a diffusers folder / single-file SD checkpoint (patchdiff/models/vae.py).
+    config.latent.vae = ""
+    config.latent.scaling_factor = 0.0  # latents train as (z - shift) * scale; 0 = the VAE's
+    # The pixel images that `patchdiff.data.encode --config` encodes (its fields are config.data's;
+    # encode's --split chooses the split). The latents' meta.json keeps them, and reference
+    # statistics for FID come from there.
+    config.latent.data = ml_collections.ConfigDict()
+    config.latent.data.source = "tfds"
+    config.latent.data.name = ""
+    config.latent.data.path = ""
+    config.latent.data.split = "train"
+    config.latent.data.resolution = 256
+    config.latent.data.channels = 3
+    config.latent.data.fit = "crop_resize"
+
     # EDM's CIFAR-10 training (Karras et al. 2022, Table 7): batch 512, Adam lr 1e-3 ramped up
     # over 10 Mimg, EMA half-life 0.5 Mimg with ramp-up ratio 0.05, 200 Mimg in all.
     config.train = ml_collections.ConfigDict()
@@ -110,6 +133,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample.seed = 0
     config.sample.churn = 0.0  # s_churn for euler / heun / dpm_2
     config.sample.eta = 1.0  # for ancestral and SDE samplers
+    # EDM's churn window and noise inflation (Algorithm 2): churn applies where
+    # s_tmin <= sigma <= s_tmax; EDM's ImageNet-64 setting is 40, 0.05, 50, 1.003.
+    config.sample.s_tmin = 0.0
+    config.sample.s_tmax = float("inf")
+    config.sample.s_noise = 1.0
 
     # Evaluation: the denoising error on held-out images, and sample quality (patchdiff/metrics)
     # in training every `every_images` images and in --mode eval, the way EDM measures it:

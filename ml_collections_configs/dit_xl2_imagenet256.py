@@ -4,29 +4,26 @@ AdamW at a constant 1e-4 without weight decay, batch 256, EMA decay 0.9999, labe
 DDPM's linear schedule of 1000 steps (`vp`), and classifier-free guidance 1.5 (their FID-50K
 2.27 setting, 250 DDPM steps) for samples and evaluation.
 
-    python -m patchdiff.main --config ml_collections_configs/dit_xl2_imagenet256.py --workdir runs/in256_dit_xl2 --config.data.path=/data/imagenet256_latents.npz
-    python -m patchdiff.main --config ml_collections_configs/dit_xl2_imagenet256.py:runlocal --workdir /tmp/in256_dit --config.data.path=/data/imagenet256_latents.npz
+    python -m patchdiff.data.encode --config ml_collections_configs/dit_xl2_imagenet256.py --vae /weights/sd-vae-ft-ema --out /data/in256_latents --flips
+    python -m patchdiff.main --config ml_collections_configs/dit_xl2_imagenet256.py --workdir runs/in256_dit_xl2 --config.data.path=/data/in256_latents
+    python -m patchdiff.main --config ml_collections_configs/dit_xl2_imagenet256.py:runlocal --workdir /tmp/in256_dit --config.data.path=/data/in256_latents
 
-The latent data source is not written yet (a later issue): `data.source = "npz"` and the path
-below are placeholders that validation accepts, and the path must be set on the command line as
-above. Until then the npz source reads uint8 images, not latents.
+The latents are sd-vae-ft-ema's (README, "Latent diffusion"), encoded once with each image's
+mirror (`--flips`), as DiT's own feature extraction does; training draws a posterior sample
+from the stored mean and std at each read, and samples are decoded to pixels for grids and FID.
 
 Differences from DiT: the network predicts no variance (DiT's learn_sigma; parameter counts in
 tests/models/test_dit.py), and guidance acts on all 4 latent channels (DiT's `forward_with_cfg`
 guides 3, its issue #41).
 """
 
-from ml_collections_configs import base, dit_b4_cifar10
+from ml_collections_configs import base, dit_b4_cifar10, imagenet256_patch_latent
 
 
 def get_config(arg=None):
     options = base.parse_arg(arg)
     config = dit_b4_cifar10.dit(base.get_config(), "XL", patch_size=2)
-    config.data.source = "npz"  # placeholder until the latent source exists
-    config.data.path = "SET_ME/imagenet256_sd_vae_latents.npz"
-    config.data.name = "imagenet256_latents"
-    config.data.resolution = 32
-    config.data.channels = 4
+    imagenet256_patch_latent.sd_vae_latents(config)
     config.data.random_flip = True  # DiT's only augmentation
     config.model.num_classes = 1000
     config.model.use_coords = False  # no patch training: full 32x32 latents, as DiT

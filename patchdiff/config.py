@@ -47,6 +47,7 @@ def _one_of(field: str, value, names):
 def validate(config):
     """Raises ConfigError on the first bad field of `config`; returns the config otherwise."""
     _validate_data(config.data)
+    _validate_latent(config)
     _validate_model(config)
     augment.validate(config)
     _validate_diffusion(config)
@@ -94,6 +95,55 @@ def _validate_data(data):
         data.channels,
         "it must be a positive integer",
     )
+
+
+def _validate_latent(config):
+    """Latent diffusion's fields: the latents' folder, the VAE override, the scale, and the
+    pixel dataset `patchdiff.data.encode` reads."""
+    latent, data = config.latent, config.data
+    _check(
+        isinstance(latent.vae, str),
+        "latent.vae",
+        latent.vae,
+        'it must be a path (a diffusers folder or a single .safetensors file) or ""',
+    )
+    _check(
+        isinstance(latent.scaling_factor, (int, float))
+        and not isinstance(latent.scaling_factor, bool)
+        and latent.scaling_factor >= 0,
+        "latent.scaling_factor",
+        latent.scaling_factor,
+        "it must be 0 (the VAE's own) or a positive number",
+    )
+    if data.source != "latents":
+        for field, unset in (("vae", ""), ("scaling_factor", 0.0)):
+            _check(
+                latent[field] == unset,
+                f"latent.{field}",
+                latent[field],
+                'it only applies to latent diffusion: set config.data.source = "latents"',
+            )
+        return
+    _check(
+        bool(data.path),
+        "data.path",
+        data.path,
+        'data.source = "latents" reads the folder that `python -m patchdiff.data.encode --out` '
+        "wrote; set it",
+    )
+    _check(
+        config.augment.p == 0,
+        "augment.p",
+        config.augment.p,
+        "EDM's augmentations transform pixels, not VAE latents: it must be 0 with "
+        'data.source = "latents"',
+    )
+    from patchdiff.data.sources import SOURCES
+
+    pixels = latent.data
+    _one_of("latent.data.source", pixels.source, [n for n in SOURCES.names() if n != "latents"])
+    for field in ("resolution", "channels"):
+        _positive_int(f"latent.data.{field}", pixels[field])
 
 
 def _validate_model(config):
@@ -563,8 +613,9 @@ def _validate_eval(config):
         "it must be 0 or a positive count of reference features kept for KID and PR",
     )
     if "fd_fmnist" in metrics:
+        pixels = config.latent.data if config.data.source == "latents" else config.data
         _check(
-            config.data.channels == 1,
+            pixels.channels == 1,
             "eval.metrics",
             metrics,
             "fd_fmnist measures grey Fashion-MNIST-like images: it needs config.data.channels = 1",

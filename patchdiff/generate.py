@@ -1,8 +1,8 @@
 """Images from a trained network: the EMA parameters, the configured sampler and guidance.
 
 `make_generator(model, config)` returns a jitted function (params, keys [N], labels [N]) ->
-images [N, R, R, C] in [-1, 1]. Image i is made from its own key alone (its starting noise and
-every noise draw of a stochastic sampler): the sampler runs under `jax.vmap` over images, so an
+images [N, R, R, C] in [-1, 1] (for latent diffusion, the latents decoded by the VAE: pixels).
+Image i is made from its own key alone (its starting noise and every noise draw of a stochastic sampler): the sampler runs under `jax.vmap` over images, so an
 image does not depend on the batch it was drawn in, nor on how many devices shared that batch.
 `image_keys(seed, start, count)` gives image i the key fold_in(key(seed), i), EDM's "seed i".
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from patchdiff import sampling, xla_cpu
+from patchdiff import latent, sampling, xla_cpu
 from patchdiff.diffusion import build as diffusion_build
 from patchdiff.diffusion.precond import denoise
 from patchdiff.train.report import save_grid, to_uint8
@@ -48,7 +48,7 @@ def make_generator(model, config, *, sampler=None, steps=None, guidance_scale=No
     accepted = inspect.signature(sampling.SAMPLERS.get(sampler)).parameters
     options = {}
     if "s_churn" in accepted and s.churn:
-        options["s_churn"] = s.churn
+        options.update(s_churn=s.churn, s_tmin=s.s_tmin, s_tmax=s.s_tmax, s_noise=s.s_noise)
     if "eta" in accepted:
         options["eta"] = s.eta
     shape = (1, data.resolution, data.resolution, data.channels)
@@ -77,7 +77,13 @@ def make_generator(model, config, *, sampler=None, steps=None, guidance_scale=No
             labels = jnp.zeros(keys.shape[:1], jnp.int32)
         return jax.vmap(one, in_axes=(None, 0, 0))(params, keys, labels)
 
-    return xla_cpu.jit(generate)
+    generate = xla_cpu.jit(generate)
+    decode = latent.make_decoder(config)
+    if decode is None:
+        return generate
+    # Latents leave the sampler in model space; the VAE's decoder is its own program, its
+    # parameters an argument rather than constants folded into the sampler's.
+    return lambda params, keys, labels: decode(generate(params, keys, labels))
 
 
 def image_keys(seed: int, start: int, count: int):

@@ -121,7 +121,7 @@ BAD = [
     (
         "data.source",
         "hub",
-        "config.data.source = 'hub' is not allowed: it must be one of fashion_mnist, folder, idx, npz, tfds",
+        "config.data.source = 'hub' is not allowed: it must be one of fashion_mnist, folder, idx, latents, npz, tfds",
     ),
     ("data.fit", "stretch", "it must be one of crop_resize, pad"),
     ("mesh.reduction", "tree", "it must be one of allreduce, fixed_order"),
@@ -284,6 +284,9 @@ CONFIGS = [
     "hdit_fashion_mnist",
     "hdit_ffhq1024",
     "hdit_imagenet256",
+    "latent_fashion_mnist",
+    "imagenet256_patch_latent",
+    "flow_dit_imagenet256",
 ]
 
 # What "runlocal" keeps small, per network.

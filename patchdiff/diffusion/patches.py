@@ -88,3 +88,10 @@ def paper_schedule(resolution: int, full_prob: float = 0.5) -> PatchSchedule:
     R/4 in the ratio 3:2 (their `training_loop.py`; p = 0.5 gives 0.5 / 0.3 / 0.2)."""
     rest = 1.0 - full_prob
     return patch_schedule(resolution, (1.0, 0.5, 0.25), (full_prob, rest * 3 / 5, rest * 2 / 5))
+
+
+def paper_latent_schedule(resolution: int, full_prob: float = 0.5) -> PatchSchedule:
+    """Patch Diffusion's recipe in a VAE's latent space (their `train_on_latents`): the full
+    latent R with probability p, R/2 otherwise; a latent pixel already spans 8 image pixels, so
+    R/4 crops would be too small to teach anything (ImageNet-256: 32x32 and 16x16 latents)."""
+    return patch_schedule(resolution, (1.0, 0.5), (full_prob, 1.0 - full_prob))

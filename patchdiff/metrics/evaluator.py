@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from patchdiff import generate
+from patchdiff import generate, latent
 from patchdiff.metrics import EXTRACTORS, METRICS, MetricError, fid
 from patchdiff.metrics.ref import compute_reference
 
@@ -68,9 +68,11 @@ class SampleEvaluator:
             else:
                 t = time.perf_counter()
                 keep = e.ref_features if self.needs_features[name] else 0
-                stats = compute_reference(self.config, features, e.ref_split, e.ref_num, keep)
+                # Latent diffusion is judged in pixels: against the images the latents came from.
+                pixels = latent.pixel_config(self.config)
+                stats = compute_reference(pixels, features, e.ref_split, e.ref_num, keep)
                 if jax.process_index() == 0:
-                    d = self.config.data
+                    d = pixels.data
                     fid.save_reference(path, stats, name, f"{d.source}:{e.ref_split}")
                 logging.warning(
                     "computed %s reference statistics of %d %s images in %.0f s: %s",

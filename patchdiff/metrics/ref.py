@@ -64,10 +64,12 @@ def main(argv=None):
     parser.add_argument("--weights", default=None, help="the extractor's weight file")
     args = parser.parse_args(argv)
     from patchdiff import config as config_lib
+    from patchdiff import latent
     from patchdiff.metrics import EXTRACTORS
 
     try:
-        config = config_lib.validate(config_lib.load_file(args.config))
+        # a latent diffusion config: the pixel images its latents were encoded from
+        config = latent.pixel_config(config_lib.validate(config_lib.load_file(args.config)))
         features = EXTRACTORS.get(args.extractor, "--extractor")(args.weights)
         split = args.split or config.data.split
         stats = compute_reference(config, features, split, args.num, args.keep)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from patchdiff import config as config_lib
 from patchdiff import data as data_lib
-from patchdiff import generate
+from patchdiff import generate, latent
 from patchdiff.metrics.evaluator import SampleEvaluator
 from patchdiff.models import build_model, init_params
 from patchdiff.models.partitioning import REPLICATED_RULES
@@ -360,7 +360,8 @@ def sample(config, workdir) -> pathlib.Path:
     s = config.sample
     name = f"step{meta['step']}_{s.sampler}{s.steps}_cfg{s.guidance_scale:g}_seed{s.seed}"
     folder = pathlib.Path(workdir) / "generated" / name
-    pixels = s.num_images * config.data.resolution**2 * config.data.channels
+    resolution, channels = latent.pixel_shape(config)  # decoded images for latent diffusion
+    pixels = s.num_images * resolution**2 * channels
     keep = pixels < 2**31
     kept, written = [], 0
     bar = tqdm(total=s.num_images, unit="img", disable=None, dynamic_ncols=True)

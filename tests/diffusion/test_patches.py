@@ -81,3 +81,21 @@ def test_the_default_config_builds_the_papers_schedule():
     from patchdiff.diffusion.build import build_patch_schedule
 
     assert build_patch_schedule(base.get_config()) == patches.paper_schedule(32)
+
+
+@pytest.mark.parametrize("name", ["latent_fashion_mnist", "imagenet256_patch_latent"])
+def test_latent_configs_use_wangs_latent_schedule(name):
+    """Patch Diffusion on latents: R with p = 0.5, else R/2, and twice the batch at R/2 (their
+    batch_mul for a 16-pixel crop of a 32-pixel latent)."""
+    import importlib
+
+    from patchdiff.data import step_plan
+    from patchdiff.diffusion.build import build_patch_schedule
+
+    config = importlib.import_module(f"ml_collections_configs.{name}").get_config()
+    resolution = config.data.resolution
+    assert build_patch_schedule(config) == patches.paper_latent_schedule(resolution)
+    assert patches.paper_latent_schedule(32).sizes == (32, 16)
+    plans = {step_plan(config, step) for step in range(40)}
+    batch = config.train.batch_size
+    assert plans == {(resolution, batch), (resolution // 2, 2 * batch)}
