@@ -2,8 +2,9 @@
 
 `make_generator(model, config)` returns a jitted function (params, keys [N], labels [N]) ->
 images [N, R, R, C] in [-1, 1] (for latent diffusion, the latents decoded by the VAE: pixels).
-Image i is made from its own key alone (its starting noise and every noise draw of a stochastic sampler): the sampler runs under `jax.vmap` over images, so an
-image does not depend on the batch it was drawn in, nor on how many devices shared that batch.
+Image i is made from its own key alone (its starting noise and every noise draw of a stochastic
+sampler): the sampler runs under `jax.vmap` over images, so an image does not depend on the batch
+it was drawn in, nor on how many devices shared that batch.
 `image_keys(seed, start, count)` gives image i the key fold_in(key(seed), i), EDM's "seed i".
 
 `--mode sample` (`run`) writes config.sample.num_images of them as PNG files and one .npz from
