@@ -77,8 +77,15 @@ def _field(config_dict, dotted):
 
 
 def check_compatible(saved: dict, config, where) -> None:
+    """Refuses a diffusion checkpoint whose SHAPE_FIELDS or network's own fields differ."""
+    check_fields(saved, config, where, SHAPE_FIELDS + MODEL_SHAPE_FIELDS.get(config.model.name, ()))
+
+
+def check_fields(saved: dict, config, where, fields) -> None:
+    """Raises CheckpointError naming the first of `fields` (dotted) whose value in the saved
+    config dict differs from `config`'s."""
     current = json.loads(config.to_json_best_effort())
-    for field in SHAPE_FIELDS + MODEL_SHAPE_FIELDS.get(config.model.name, ()):
+    for field in fields:
         old, new = (_field(c, field) for c in (saved, current))
         old, new = (FIELD_DEFAULTS.get(field) if v is None else v for v in (old, new))
         if old != new:
@@ -89,7 +96,11 @@ def check_compatible(saved: dict, config, where) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory, *, keep: int, every: int):
+    def __init__(self, directory, *, keep: int, every: int, check=check_compatible):
+        """`check(saved_config_dict, config, where)` raises CheckpointError for a checkpoint
+        this config cannot use; the default knows the diffusion networks, and other trainers
+        (the autoencoder's) pass their own fields."""
+        self.check = check
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=True
@@ -123,7 +134,7 @@ class Checkpointer:
                     e,
                 )
                 continue
-            check_compatible(meta["config"], config, self.directory)
+            self.check(meta["config"], config, self.directory)
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
