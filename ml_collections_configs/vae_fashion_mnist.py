@@ -11,9 +11,9 @@ ml_collections_configs/latent_fashion_mnist.py.
 Training ends with the export to runs/vae_fmnist/vae/ (--mode export rewrites it from the newest
 checkpoint). `:runlocal` makes it a seconds-long smoke run.
 
-Measured on a 2-core CPU (1 device, float32): 1500 steps in 23 min wall (1364 s of training, 0.9
-s a step); the EMA's test PSNR 24.8 dB at step 500, 26.8 at 1000, 28.1 at 1500 (the raw weights
-27.6); exported scaling_factor 0.625 (the posterior means' std 1.60).
+Widths (16, 32, 32) train at about 195 images/s on a 2-core CPU: 1500 steps in about 8 minutes.
+Twice the widths, (32, 64, 64), reached 28.1 dB test PSNR at 1500 steps (26.8 at 1000) but ran
+at 78 images/s, 23 minutes; this size's figures are in BENCHMARKS.md (benchmarks/latent_demo.py).
 
 Only the blocks the autoencoder reads are here: seed, distributed and multihost, and data (the
 diffusion config's, from base), then vae, loss, train, eval and export.
@@ -39,13 +39,13 @@ def get_config(arg=None):
     config.data.resolution = 32
     config.data.random_flip = True
 
-    # diffusers' AutoencoderKL (patchdiff/models/vae.py) at a small size: three levels (32, 64,
-    # 64 channels) downsample by 4, one ResNet block per level, attention in the middle at 8x8.
+    # diffusers' AutoencoderKL (patchdiff/models/vae.py) at a small size: three levels (16, 32,
+    # 32 channels) downsample by 4, one ResNet block per level, attention in the middle at 8x8.
     config.vae = ml_collections.ConfigDict()
-    config.vae.block_out_channels = (32, 64, 64)
+    config.vae.block_out_channels = (16, 32, 32)
     config.vae.layers_per_block = 1
     config.vae.latent_channels = 4
-    config.vae.norm_num_groups = 16
+    config.vae.norm_num_groups = 8
     config.vae.mid_block_add_attention = True
     config.vae.dtype = "float32"  # compute dtype: float32, bfloat16, float16
 
