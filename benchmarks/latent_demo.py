@@ -222,8 +222,8 @@ def main(argv=None):
     print(f"noise floor (first {args.num_samples} training images): {floor:.2f}")
     print(f"VAE: {vae['psnr_db']:.2f} dB PSNR on {vae['psnr_images']} test images (a 16x16 "
           f"resize, as many numbers as its 8x8x4 latents: {vae['resize16_psnr_db']:.2f} dB), "
-          f"{vae['wall_seconds']:.0f} s to train (wall); encoding {encode_s['train']:.0f} s (train) "
-          f"+ {encode_s['test']:.0f} s (test)")  # fmt: skip
+          f"{vae['wall_seconds']:.0f} s to train (wall); encoding "
+          f"{encode_s['train']:.0f} s (train) + {encode_s['test']:.0f} s (test)")  # fmt: skip
     path = write_json("latent_demo", result, args.out)
     print(f"wrote {path}")
     return result
