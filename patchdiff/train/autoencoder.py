@@ -24,10 +24,7 @@ Glossary: B batch, H/W height/width, C image channels, Cz latent channels.
 
 import json
 import math
-import os
 import pathlib
-import signal
-import sys
 import time
 
 import jax
@@ -57,6 +54,7 @@ from patchdiff.train.checkpoint import (
     abstract_with_shardings,
     check_fields,
 )
+from patchdiff.train.control import RunControl
 from patchdiff.train.loop import TrainingStopped
 from patchdiff.train.report import MetricsWriter, save_grid, to_uint8
 
@@ -351,25 +349,9 @@ def train_and_evaluate(config, workdir) -> dict:
 
     prefetch = data_lib.Prefetcher(produce, start, depth=config.data.prefetch)
 
-    # Signals: finish the step, save, leave. With several processes jax's preemption service
-    # holds SIGTERM and stops every process at the same step (loop.py explains why), and Ctrl-C
-    # is turned into that SIGTERM.
-    multihost = jax.process_count() > 1
-    stop = {"signal": None}
-    previous = {}
-    if multihost:
-        previous[signal.SIGINT] = signal.signal(
-            signal.SIGINT, lambda s, f: os.kill(os.getpid(), signal.SIGTERM)
-        )
-    else:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
-
-    # Training seconds (PSNR and grids excluded), carried across resumes.
-    clock = {"start": time.perf_counter() - trained_s, "other": 0.0}
-
-    def train_seconds():
-        return time.perf_counter() - clock["start"] - clock["other"]
+    # Signals and the time limit end the loop after a whole step; training seconds (PSNR and
+    # grids paused out) carry across resumes (control.py, shared with the diffusion loop).
+    control = RunControl(start_step=start, trained_s=trained_s, time_limit_s=tcfg.time_limit_s)
 
     def meta(step):
         return {
@@ -377,7 +359,7 @@ def train_and_evaluate(config, workdir) -> dict:
             "position": positions[step],
             "config": config.to_dict(),
             "skipped_images": loader.skipped,
-            "train_seconds": train_seconds(),
+            "train_seconds": control.train_seconds(),
         }
 
     writer = MetricsWriter(workdir, enabled=primary)
@@ -399,27 +381,20 @@ def train_and_evaluate(config, workdir) -> dict:
             f"images: psnr {result['psnr']:.2f} dB (uint8 {result['psnr_uint8']:.2f} dB)"
         )
         seconds = time.perf_counter() - t
-        clock["other"] += seconds
+        control.pause(seconds)
         window["start"] += seconds
         return result
 
     step, shown = start, {}
-    out_of_time = bool(tcfg.time_limit_s) and trained_s >= tcfg.time_limit_s
     try:
-        while step < tcfg.total_steps and stop["signal"] is None and not out_of_time:
+        while step < tcfg.total_steps and control.running:
             images = prefetch.get()
             state, metrics = train_step(state, images)
             step += 1
             window["images"] += images.shape[0]
             window["metrics"].append(metrics)
-            if multihost and multihost_utils.reached_preemption_sync_point(step - start):
-                stop["signal"] = signal.SIGTERM
-            if tcfg.time_limit_s:
-                jax.block_until_ready(state.step)  # the limit counts finished steps
-                out_of_time = train_seconds() >= tcfg.time_limit_s
-                if multihost:  # process 0's clock decides for all
-                    out_of_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(out_of_time)))
-            last = step == tcfg.total_steps or out_of_time
+            control.after_step(step, state.step)
+            last = step == tcfg.total_steps or control.out_of_time
             if step % tcfg.log_every == 0 or last:
                 record = _report(window, int(state.bad_step))
                 writer.write(step, record)
@@ -431,25 +406,15 @@ def train_and_evaluate(config, workdir) -> dict:
                         f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()),
                         flush=True,
                     )
-            if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or out_of_time:
+            if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or last:
                 _check_finite(int(state.bad_step))  # never save past a bad step
-            if checkpointer.save(step, state, meta(step), force=out_of_time):
+            if checkpointer.save(step, state, meta(step), force=control.out_of_time):
                 for old in [s for s in list(positions) if s < step]:
                     positions.pop(old, None)
             if (tcfg.sample_every and step % tcfg.sample_every == 0) or last:
                 _check_finite(int(state.bad_step))
                 shown = show(step)
-        if stop["signal"] is not None:
-            print(
-                f"stopping at step {step} on signal {stop['signal']}: saving a checkpoint",
-                file=sys.stderr,
-            )
-        elif out_of_time and step < tcfg.total_steps:
-            print(
-                f"stopping at step {step}: {train_seconds():.0f} s of training reached "
-                f"config.train.time_limit_s = {tcfg.time_limit_s:g}",
-                file=sys.stderr,
-            )
+        control.say_why_stopped(step, tcfg.total_steps)
         if int(state.bad_step) < 0:
             checkpointer.save(step, state, meta(step), force=True)
     finally:
@@ -457,11 +422,10 @@ def train_and_evaluate(config, workdir) -> dict:
         checkpointer.close()
         writer.close()
         bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        control.close()
 
     # Export: the run's end (not a signal's), or a finished run whose export is missing.
-    if stop["signal"] is None and (step > start or not (workdir / "vae").exists()):
+    if control.signal is None and (step > start or not (workdir / "vae").exists()):
         export(config, workdir, module, state.ema, mesh)
     return {"step": step, "state": state, "psnr": shown.get("psnr")}
 

@@ -8,10 +8,7 @@ checkpoint kept.
 """
 
 import logging
-import os
 import pathlib
-import signal
-import sys
 import time
 
 import jax
@@ -27,6 +24,7 @@ from patchdiff.metrics.evaluator import SampleEvaluator
 from patchdiff.models import build_model, init_params
 from patchdiff.models.partitioning import REPLICATED_RULES
 from patchdiff.train.checkpoint import Checkpointer, abstract_with_shardings
+from patchdiff.train.control import RunControl
 from patchdiff.train.optim import build_optimizer
 from patchdiff.train.report import MetricsWriter, save_grid
 from patchdiff.train.state import create_state, state_shardings
@@ -112,28 +110,9 @@ def train_and_evaluate(config, workdir) -> dict:
 
     prefetch = data_lib.Prefetcher(produce, start, depth=config.data.prefetch)
 
-    # Signals: finish the step, save, leave. With several processes, jax's preemption service
-    # holds SIGTERM (jax.distributed.initialize installs it): a SIGTERM to any process makes
-    # every process's reached_preemption_sync_point true at the same step, so all save that step
-    # and leave; a process that stopped alone would leave the others waiting in a collective.
-    # Ctrl-C is turned into that SIGTERM.
-    multihost = jax.process_count() > 1
-    stop = {"signal": None}
-    previous = {}
-    if multihost:
-        previous[signal.SIGINT] = signal.signal(
-            signal.SIGINT, lambda s, f: os.kill(os.getpid(), signal.SIGTERM)
-        )
-    else:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda s, f: stop.update(signal=s))
-
-    # Training seconds (evaluation and sample grids excluded), carried across resumes: the
-    # clock of train.time_limit_s and of the metrics' train_seconds.
-    clock = {"start": time.perf_counter() - trained_s, "other": 0.0}
-
-    def train_seconds():
-        return time.perf_counter() - clock["start"] - clock["other"]
+    # Signals and the time limit end the loop after a whole step; the clock of training seconds
+    # (evaluations and grids paused out) is carried across resumes (control.py).
+    control = RunControl(start_step=start, trained_s=trained_s, time_limit_s=tcfg.time_limit_s)
 
     def meta(step):
         return {
@@ -141,7 +120,7 @@ def train_and_evaluate(config, workdir) -> dict:
             "position": positions[step],
             "config": config.to_dict(),
             "skipped_images": loader.skipped,
-            "train_seconds": train_seconds(),
+            "train_seconds": control.train_seconds(),
         }
 
     writer = MetricsWriter(workdir, enabled=primary)
@@ -151,9 +130,8 @@ def train_and_evaluate(config, workdir) -> dict:
     window = {"start": time.perf_counter(), "images": 0, "metrics": [], "sizes": []}
     step = start
     images_seen = int(state.nimg)  # images (crops) trained on, the clock of eval.every_images
-    out_of_time = bool(tcfg.time_limit_s) and trained_s >= tcfg.time_limit_s
     try:
-        while step < tcfg.total_steps and stop["signal"] is None and not out_of_time:
+        while step < tcfg.total_steps and control.running:
             patch_size, batch = prefetch.get()
             state, metrics = train_step(state, batch, patch_size)
             step += 1
@@ -161,17 +139,8 @@ def train_and_evaluate(config, workdir) -> dict:
             images_seen += batch["image"].shape[0]
             window["metrics"].append(metrics)
             window["sizes"].append(patch_size)
-            # Steps counted from this run's start: jax picks the sync step as the highest one
-            # reported plus one, which is 1 for a SIGTERM before the first report, a step a
-            # resumed run's own numbering has left behind.
-            if multihost and multihost_utils.reached_preemption_sync_point(step - start):
-                stop["signal"] = signal.SIGTERM
-            if tcfg.time_limit_s:
-                jax.block_until_ready(state.step)  # the limit counts finished steps
-                out_of_time = train_seconds() >= tcfg.time_limit_s
-                if multihost:  # process 0's clock decides for all: the same last step
-                    out_of_time = bool(multihost_utils.broadcast_one_to_all(np.bool_(out_of_time)))
-            last = step == tcfg.total_steps or out_of_time
+            control.after_step(step, state.step)
+            last = step == tcfg.total_steps or control.out_of_time
             if step % tcfg.log_every == 0 or last:
                 report = _report(window, int(state.bad_step), step)
                 writer.write(step, report)
@@ -185,32 +154,23 @@ def train_and_evaluate(config, workdir) -> dict:
                     )
             if step % max(tcfg.checkpoint_every, 1) == 0 and int(state.bad_step) >= 0:
                 _report(window, int(state.bad_step), step)  # raises: never save past a bad step
-            if checkpointer.save(step, state, meta(step), force=out_of_time):
+            if checkpointer.save(step, state, meta(step), force=control.out_of_time):
                 for old in [s for s in list(positions) if s < step]:  # atomic copy
                     positions.pop(old, None)
             if generator is not None and step % tcfg.sample_every == 0:
                 t = time.perf_counter()
                 _sample_grid(generator, state, config, workdir, step, primary)
-                _pause(clock, window, time.perf_counter() - t)
+                _pause(control, window, time.perf_counter() - t)
             every = config.eval.every_images
             due = every and (
                 images_seen // every > (images_seen - batch["image"].shape[0]) // every or last
             )
             if evaluator is not None and due and int(state.bad_step) < 0:
                 t = time.perf_counter()
-                _evaluate(evaluator, best, state, step, images_seen, train_seconds(), writer, bar)
-                _pause(clock, window, time.perf_counter() - t)
-        if stop["signal"] is not None:
-            print(
-                f"stopping at step {step} on signal {stop['signal']}: saving a checkpoint",
-                file=sys.stderr,
-            )
-        elif out_of_time and step < tcfg.total_steps:
-            print(
-                f"stopping at step {step}: {train_seconds():.0f} s of training reached "
-                f"config.train.time_limit_s = {tcfg.time_limit_s:g}",
-                file=sys.stderr,
-            )
+                seconds = control.train_seconds()
+                _evaluate(evaluator, best, state, step, images_seen, seconds, writer, bar)
+                _pause(control, window, time.perf_counter() - t)
+        control.say_why_stopped(step, tcfg.total_steps)
         if int(state.bad_step) < 0:
             checkpointer.save(step, state, meta(step), force=True)
     finally:
@@ -218,14 +178,13 @@ def train_and_evaluate(config, workdir) -> dict:
         checkpointer.close()
         writer.close()
         bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        control.close()
     return {"step": step, "state": state}
 
 
-def _pause(clock, window, seconds):
+def _pause(control, window, seconds):
     """Takes `seconds` of sampling or evaluation out of the training clock and the img/s window."""
-    clock["other"] += seconds
+    control.pause(seconds)
     window["start"] += seconds
 
 
