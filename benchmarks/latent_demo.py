@@ -34,12 +34,14 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import environment, write_json
+from benchmarks.patch_vs_full import fmnist_reference
 from ml_collections_configs import fashion_mnist, latent_fashion_mnist, vae_fashion_mnist
 from patchdiff import train
 from patchdiff.data import encode
-from patchdiff.metrics import count_tag, fid
+from patchdiff.metrics import count_tag, fd_fmnist, fid
 from patchdiff.metrics.evaluator import SampleEvaluator
-from patchdiff.metrics.ref import compute_reference, dataset_images
+from patchdiff.metrics.ref import dataset_images
+from patchdiff.models.vae import from_pretrained
 from patchdiff.tables import format_table
 from patchdiff.train import autoencoder
 from patchdiff.train.loop import make_mesh, restore_latest
@@ -60,6 +62,14 @@ def resized_reference(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out)[..., None]
 
 
+def reconstruct(vae, images: np.ndarray) -> np.ndarray:
+    """uint8 images -> uint8 decodings of their posterior means (EDM's quantisation)."""
+    x = images.astype(np.float32) / 127.5 - 1
+    recon = np.concatenate([np.asarray(vae.decode(vae.encode(x[i : i + 250])))
+                            for i in range(0, len(x), 250)])  # fmt: skip
+    return np.clip(np.floor(recon * 127.5 + 128), 0, 255).astype(np.uint8)
+
+
 def vae_stage(args, workdir: pathlib.Path) -> dict:
     """Trains (or resumes) the VAE; its PSNR against the same-size resize reference."""
     config = vae_fashion_mnist.get_config()
@@ -73,14 +83,9 @@ def vae_stage(args, workdir: pathlib.Path) -> dict:
         wall = time.perf_counter() - started
         record.write_text(json.dumps({"wall_seconds": wall}) + "\n")
     wall = json.loads(record.read_text())["wall_seconds"]
-    from patchdiff.models.vae import from_pretrained
-
     vae = from_pretrained(run / "vae")
     images = np.concatenate([im for _, im in dataset_images(config, "test", args.psnr_images)])
-    x = images.astype(np.float32) / 127.5 - 1
-    recon = np.concatenate([np.asarray(vae.decode(vae.encode(x[i : i + 250])))
-                            for i in range(0, len(x), 250)])  # fmt: skip
-    ours = np.clip(np.floor(recon * 127.5 + 128), 0, 255).astype(np.uint8)  # EDM's to_uint8
+    ours = reconstruct(vae, images)
     baseline = resized_reference(images, 16)
     return {
         "steps": config.train.total_steps,
@@ -186,20 +191,16 @@ def main(argv=None):
 
     # The reference: fd_fmnist statistics of the whole test split; the floor: the first N
     # training images against it.
-    from patchdiff.metrics import fd_fmnist
-
-    pixel = fashion_mnist.get_config()
-    features = fd_fmnist.load()
-    ref_path = workdir / "ref_fmnist_test.npz"
-    if not ref_path.is_file():
-        fid.save_reference(ref_path, compute_reference(pixel, features, "test"), "fmnist",
-                           "fashion_mnist:test")  # fmt: skip
-    ref = fid.load_reference(ref_path, "fmnist", features.dim)
-    train_images = np.concatenate(
-        [im for _, im in dataset_images(pixel, "train", args.num_samples)]
+    ref_path, floor, train_images = fmnist_reference(
+        fashion_mnist.get_config(), workdir, args.num_samples
     )
-    floor_stats = fid.stats_of(features, train_images)
-    floor = fid.frechet_distance(floor_stats.mean, floor_stats.covariance, ref.mu, ref.sigma)
+    # The latent arm's floor: the same training images through the VAE and back, the best its
+    # decoded samples could score.
+    features = fd_fmnist.load()
+    ref = fid.load_reference(ref_path, "fmnist", features.dim)
+    recon = reconstruct(from_pretrained(workdir / "vae" / "vae"), train_images)
+    stats = fid.stats_of(features, recon)
+    vae_floor = fid.frechet_distance(stats.mean, stats.covariance, ref.mu, ref.sigma)
 
     arms = {arm: arm_stage(arm, args, workdir, ref_path) for arm in args.arms}
     result = {
@@ -210,6 +211,7 @@ def main(argv=None):
         "sampler": f"{args.sampler} {args.steps} steps",
         "metric": name,
         "noise_floor": floor,
+        "vae_floor": vae_floor,
         "vae": vae,
         "encode_seconds": encode_s,
         "arms": arms,
@@ -219,7 +221,8 @@ def main(argv=None):
         "img/s": f"{r['img_per_s']:.0f}", "final loss": f"{r['final_loss']:.4f}",
         name: f"{r[name]:.2f}", "eval s": f"{r['eval_seconds']:.0f}",
     } for arm, r in arms.items()]))  # fmt: skip
-    print(f"noise floor (first {args.num_samples} training images): {floor:.2f}")
+    print(f"noise floor (first {args.num_samples} training images): {floor:.2f}; through the "
+          f"VAE and back: {vae_floor:.2f}")  # fmt: skip
     print(f"VAE: {vae['psnr_db']:.2f} dB PSNR on {vae['psnr_images']} test images (a 16x16 "
           f"resize, as many numbers as its 8x8x4 latents: {vae['resize16_psnr_db']:.2f} dB), "
           f"{vae['wall_seconds']:.0f} s to train (wall); encoding "

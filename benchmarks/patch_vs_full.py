@@ -100,6 +100,23 @@ def calibrate(arm: str, args, workdir: pathlib.Path) -> float:
     return rate
 
 
+def fmnist_reference(config, workdir: pathlib.Path, num: int):
+    """(path of the fd_fmnist statistics of the whole test split, cached in `workdir`; the noise
+    floor: the first `num` training images against them, as the trainer sees them; those images)."""
+    from patchdiff.metrics import fd_fmnist
+
+    features = fd_fmnist.load()
+    ref_path = workdir / "ref_fmnist_test.npz"
+    if not ref_path.is_file():
+        fid.save_reference(ref_path, compute_reference(config, features, "test"), "fmnist",
+                           "fashion_mnist:test")  # fmt: skip
+    ref = fid.load_reference(ref_path, "fmnist", features.dim)
+    train_images = np.concatenate([im for _, im in dataset_images(config, "train", num)])
+    stats = fid.stats_of(features, train_images)
+    floor = fid.frechet_distance(stats.mean, stats.covariance, ref.mu, ref.sigma)
+    return ref_path, floor, train_images
+
+
 def inception_fid(images, ref_path: pathlib.Path, ref_images) -> float | None:
     """FID of uint8 images against the Inception statistics of `ref_images()` (cached)."""
     print(f"Inception features of {len(images)} images ...", flush=True)
@@ -179,22 +196,8 @@ def main(argv=None):
     config = arm_config("full", args)
 
     try:
-        # The reference: fd_fmnist statistics of the whole test split (10k images).
-        from patchdiff.metrics import fd_fmnist
-
-        features = fd_fmnist.load()
-        ref_path = workdir / "ref_fmnist_test.npz"
-        if not ref_path.is_file():
-            fid.save_reference(ref_path, compute_reference(config, features, "test"), "fmnist",
-                               "fashion_mnist:test")  # fmt: skip
-        ref = fid.load_reference(ref_path, "fmnist", features.dim)
-        # The noise floor: the first N training images, as the trainer sees them.
-        train_images = np.concatenate(
-            [im for _, im in dataset_images(config, "train", args.num_samples)]
-        )
-        floor_stats = fid.stats_of(features, train_images)
-        floor = {name: fid.frechet_distance(floor_stats.mean, floor_stats.covariance, ref.mu,
-                                            ref.sigma)}  # fmt: skip
+        ref_path, floor_value, train_images = fmnist_reference(config, workdir, args.num_samples)
+        floor = {name: floor_value}
     except (DataError, MetricError, FileNotFoundError) as e:
         raise SystemExit(f"patchdiff: {e}") from None
     fid_name = f"fid@{count_tag(args.fid_samples)}"
