@@ -115,6 +115,10 @@ def arm_config(arm: str, args, workdir: pathlib.Path, ref_path):
     config = CONFIGS[arm].get_config()
     if arm == "latent":
         config.data.path = str(workdir / "latents")
+        if args.latent_channels:  # a cheaper latent network than the config's
+            config.model.channels = args.latent_channels
+        if args.latent_blocks:
+            config.model.num_res_blocks = args.latent_blocks
     config.train.total_steps = 10**9  # the time limit ends training
     config.train.time_limit_s = float(args.budget_s)
     config.train.sample_every = 0
@@ -174,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--vae-steps", type=int, default=0, help="0: the config's")
     parser.add_argument("--warm-steps", type=int, default=30)
     parser.add_argument("--arms", nargs="+", default=["pixel", "latent"])
+    parser.add_argument("--latent-channels", type=int, default=0, help="0: the config's")
+    parser.add_argument("--latent-blocks", type=int, default=0, help="0: the config's")
     parser.add_argument("--workdir", default="runs/latent_demo")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
