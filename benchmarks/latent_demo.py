@@ -144,6 +144,8 @@ def warm(config, scratch: pathlib.Path, steps: int):
 
 def arm_stage(arm: str, args, workdir: pathlib.Path, ref_path) -> dict:
     config = arm_config(arm, args, workdir, ref_path)
+    if arm == "latent" and (args.latent_channels or args.latent_blocks):  # its own run
+        arm = f"latent_c{config.model.channels}_b{config.model.num_res_blocks}"
     run = workdir / arm
     if not (run / "checkpoints").exists():
         warm(config, workdir / f"{arm}_warm", args.warm_steps)
@@ -157,7 +159,9 @@ def arm_stage(arm: str, args, workdir: pathlib.Path, ref_path) -> dict:
     quality = evaluator(state.ema)
     eval_s = time.perf_counter() - started
     return {
-        "config": CONFIGS[arm].__name__.replace(".", "/") + ".py",
+        "config": CONFIGS[arm.split("_")[0]].__name__.replace(".", "/") + ".py",
+        "channels": config.model.channels,
+        "num_res_blocks": config.model.num_res_blocks,
         "steps": meta["step"],
         "train_seconds": meta["train_seconds"],
         "images_seen": int(state.nimg),
