@@ -22,7 +22,6 @@ unit-variance (LDM's rule for a new autoencoder).
 Glossary: B batch, H/W height/width, C image channels, Cz latent channels.
 """
 
-import json
 import math
 import pathlib
 import time
@@ -56,7 +55,7 @@ from patchdiff.train.checkpoint import (
 )
 from patchdiff.train.control import RunControl
 from patchdiff.train.loop import TrainingStopped
-from patchdiff.train.report import MetricsWriter, save_grid, to_uint8
+from patchdiff.train.report import MetricsWriter, save_grid, to_uint8, write_json
 
 # Fields whose change makes a checkpoint unusable: the parameter shapes (and GroupNorm's grouping,
 # which changes what the parameters mean).
@@ -497,13 +496,8 @@ def evaluate(config, workdir) -> dict:
         **{row["weights"]: {k: row[k] for k in ("psnr", "psnr_uint8")} for row in rows},
     }
     if jax.process_index() == 0:
-        folder = pathlib.Path(workdir) / "eval"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"psnr_step_{meta['step']}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)  # a crash never leaves half a result
-        print(f"wrote {path}")
+        path = pathlib.Path(workdir) / "eval" / f"psnr_step_{meta['step']}.json"
+        print(f"wrote {write_json(path, record)}")
     return record
 
 

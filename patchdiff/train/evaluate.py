@@ -9,7 +9,6 @@ weighting) with a fixed key, over config.eval.num_examples images of config.eval
 WORKDIR/eval/step_N.json. Every number is reproducible: same checkpoint, same result.
 """
 
-import json
 import pathlib
 
 import jax
@@ -23,6 +22,7 @@ from patchdiff.diffusion.losses import denoising_loss
 from patchdiff.metrics.evaluator import SampleEvaluator
 from patchdiff.tables import format_table
 from patchdiff.train.loop import make_mesh, restore_latest
+from patchdiff.train.report import write_json
 
 
 def sample_quality(config, model, params, workdir) -> dict:
@@ -111,11 +111,6 @@ def evaluate(config, workdir) -> dict:
         f"objective ({d.loss_weighting} weighting): {result['objective']:.5g} over {count} "
         f"{e.split} images at step {meta['step']}"
     )
-    folder = pathlib.Path(workdir) / "eval"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{meta['step']}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)  # a crash never leaves half a result
+    path = write_json(pathlib.Path(workdir) / "eval" / f"step_{meta['step']}.json", result)
     print(f"wrote {path}")
     return result

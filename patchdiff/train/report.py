@@ -38,6 +38,17 @@ class MetricsWriter:
             self.tb.close()
 
 
+def write_json(path, payload) -> pathlib.Path:
+    """Writes `payload` as indented JSON beside `path` and renames it into place, so a crash
+    never leaves half a result where a whole one was."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def to_uint8(images) -> np.ndarray:
     """[-1, 1] float images -> uint8 [N, H, W, C], EDM's rule: (x * 127.5 + 128) clipped to
     [0, 255] and truncated (`generate.py` of NVlabs/edm), so that quantised samples, and the
