@@ -51,6 +51,17 @@ class RunControl:
     def train_seconds(self) -> float:
         return time.perf_counter() - self._start - self._paused
 
+    def checkpoint_meta(self, step: int, position: int, config, skipped: int) -> dict:
+        """What a checkpoint of `step` stores beside the state: the data stream's position
+        after it, the config, the images skipped so far and the training seconds."""
+        return {
+            "step": step,
+            "position": position,
+            "config": config.to_dict(),
+            "skipped_images": skipped,
+            "train_seconds": self.train_seconds(),
+        }
+
     def pause(self, seconds: float):
         """Takes `seconds` of evaluation or sampling out of the training clock."""
         self._paused += seconds

@@ -115,13 +115,7 @@ def train_and_evaluate(config, workdir) -> dict:
     control = RunControl(start_step=start, trained_s=trained_s, time_limit_s=tcfg.time_limit_s)
 
     def meta(step):
-        return {
-            "step": step,
-            "position": positions[step],
-            "config": config.to_dict(),
-            "skipped_images": loader.skipped,
-            "train_seconds": control.train_seconds(),
-        }
+        return control.checkpoint_meta(step, positions[step], config, loader.skipped)
 
     writer = MetricsWriter(workdir, enabled=primary)
     bar = tqdm(
